@@ -1,0 +1,126 @@
+"""`skyreels-local generate`: one video from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..config import Settings
+from ..errors import InvalidInputError, MediaError
+from ..engine.images import decode_image, load_image_file
+from ..engine.request import ASPECT_RATIOS, GUIDANCE_MAX, GUIDANCE_MIN, STEPS_MAX, STEPS_MIN, GenerationRequest
+
+MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    settings = Settings()
+    p = subparsers.add_parser(
+        "generate",
+        help="generate one video from an image and a prompt",
+        description="Generate one image-to-video clip and write it as an H.264 MP4.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--image", required=True, help="input image: a local file path or an http(s) URL")
+    p.add_argument("--prompt", required=True, help='text prompt ("FPS-24, " is prefixed unless present)')
+    p.add_argument("--out", required=True, type=Path, help="output MP4 path")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: SkyReels' own)")
+    p.add_argument("--seed", type=int, default=-1, help="random seed; -1 draws one and prints it")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=6.0,
+        help=f"true classifier-free guidance scale, {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g} (1 disables CFG)",
+    )
+    p.add_argument("--steps", type=int, default=30, help=f"denoising steps, {STEPS_MIN} to {STEPS_MAX}")
+    p.add_argument("--aspect-ratio", default="16:9", choices=ASPECT_RATIOS, help="output aspect ratio")
+    p.add_argument("--width", type=int, default=None, help="override the width (multiple of 16)")
+    p.add_argument("--height", type=int, default=None, help="override the height (multiple of 16)")
+    p.add_argument("--num-frames", type=int, default=None, help="override the frame count (4k+1, e.g. 97)")
+    p.add_argument(
+        "--model",
+        default=settings.model,
+        help="`tiny-random` (built-in demo model: random output, runs on CPU) or a weights directory "
+        "[env SKYREELS_MODEL]",
+    )
+    p.add_argument("--device", default=settings.device, help="torch device, e.g. cuda:1 [env SKYREELS_DEVICE]")
+    p.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
+    p.set_defaults(func=run)
+
+
+def read_image(source: str):
+    """A local path, or an http(s) URL fetched with a size cap (the CLI user's own URL: no SSRF policy)."""
+    if source.startswith(("http://", "https://")):
+        import httpx
+
+        try:
+            with httpx.stream("GET", source, follow_redirects=True, timeout=30.0) as response:
+                response.raise_for_status()
+                chunks, size = [], 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > MAX_DOWNLOAD_BYTES:
+                        raise MediaError(f"image URL {source!r} is larger than {MAX_DOWNLOAD_BYTES} bytes")
+                    chunks.append(chunk)
+        except httpx.HTTPError as exc:
+            raise MediaError(f"cannot download image {source!r}: {exc}") from exc
+        return decode_image(b"".join(chunks), source=f"image URL {source!r}")
+    return load_image_file(source)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine.engine import Progress
+    from ..engine.tiny import TINY_MODEL_NAME
+
+    if args.out.suffix.lower() != ".mp4":
+        raise InvalidInputError("--out", str(args.out), "must end in .mp4")
+    # Validate everything cheap before the (possibly minutes-long) model load.
+    image = read_image(args.image)
+    request = GenerationRequest(
+        prompt=args.prompt,
+        image=image,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps,
+        aspect_ratio=args.aspect_ratio,
+        width=args.width,
+        height=args.height,
+        num_frames=args.num_frames,
+    )
+    request.validate()
+    if args.model == TINY_MODEL_NAME:
+        print("note: tiny-random is a DEMO model with random weights; its videos are noise", file=sys.stderr)
+
+    from ..engine.loader import load_engine
+    from ..video import write_mp4
+
+    engine = load_engine(args.model, device=args.device)
+    bar = None if args.no_progress or not sys.stderr.isatty() and os.environ.get("CI") else _progress_bar()
+
+    def on_progress(progress: Progress) -> None:
+        if bar is not None:
+            bar.total = progress.total
+            bar.n = progress.step
+            bar.set_postfix_str(f"eta {progress.eta_s:.0f}s", refresh=True)
+
+    try:
+        result = engine.generate(request, on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    path = write_mp4(result.frames, args.out, fps=result.fps)
+    print(
+        f"done in {result.timings['total_s']:.1f}s: seed {result.seed}, "
+        f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
+        f"model {engine.spec.name}, profile {engine.profile} -> {path}"
+    )
+    return 0
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    return tqdm(total=1, desc="denoising", unit="step", file=sys.stderr, leave=False)
