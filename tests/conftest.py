@@ -23,8 +23,8 @@ def make_test_image(width: int = 96, height: int = 72, *, marked_centre: bool = 
     """A grey image with a red square at its exact centre (and blue borders that a crop removes)."""
     image = Image.new("RGB", (width, height), (128, 128, 128))
     draw = ImageDraw.Draw(image)
-    draw.rectangle((0, 0, width // 8, height - 1), fill=(0, 0, 255))
-    draw.rectangle((width - 1 - width // 8, 0, width - 1, height - 1), fill=(0, 0, 255))
+    draw.rectangle((0, 0, width // 10, height - 1), fill=(0, 0, 255))
+    draw.rectangle((width - 1 - width // 10, 0, width - 1, height - 1), fill=(0, 0, 255))
     if marked_centre:
         cx, cy, r = width // 2, height // 2, max(2, min(width, height) // 10)
         draw.rectangle((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=(255, 0, 0))

@@ -8,9 +8,16 @@ import sys
 from pathlib import Path
 
 from ..config import Settings
-from ..errors import InvalidInputError, MediaError
 from ..engine.images import decode_image, load_image_file
-from ..engine.request import ASPECT_RATIOS, GUIDANCE_MAX, GUIDANCE_MIN, STEPS_MAX, STEPS_MIN, GenerationRequest
+from ..engine.request import (
+    ASPECT_RATIOS,
+    GUIDANCE_MAX,
+    GUIDANCE_MIN,
+    STEPS_MAX,
+    STEPS_MIN,
+    GenerationRequest,
+)
+from ..errors import InvalidInputError, MediaError
 
 MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024
 
@@ -45,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="`tiny-random` (built-in demo model: random output, runs on CPU) or a weights directory "
         "[env SKYREELS_MODEL]",
     )
-    p.add_argument("--device", default=settings.device, help="torch device, e.g. cuda:1 [env SKYREELS_DEVICE]")
+    p.add_argument(
+        "--device", default=settings.device, help="torch device, e.g. cuda:1 [env SKYREELS_DEVICE]"
+    )
     p.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
     p.set_defaults(func=run)
 

@@ -22,7 +22,14 @@ import torch
 from ..errors import GenerationCancelled
 from .images import centre_crop_resize
 from .prompts import PromptEncoder
-from .request import DEFAULT_NEGATIVE_PROMPT, OUTPUT_FPS, SEED_MAX, GenerationRequest, ModelGeometry, with_fps_prefix
+from .request import (
+    DEFAULT_NEGATIVE_PROMPT,
+    OUTPUT_FPS,
+    SEED_MAX,
+    GenerationRequest,
+    ModelGeometry,
+    with_fps_prefix,
+)
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,13 @@ import torch
 
 from .engine import Engine, ModelSpec
 from .request import SKYREELS_GEOMETRY
-from .tiny import TINY_GEOMETRY, TINY_MAX_SEQUENCE_LENGTH, TINY_MODEL_NAME, TINY_PROMPT_TEMPLATE, build_tiny_pipeline
+from .tiny import (
+    TINY_GEOMETRY,
+    TINY_MAX_SEQUENCE_LENGTH,
+    TINY_MODEL_NAME,
+    TINY_PROMPT_TEMPLATE,
+    build_tiny_pipeline,
+)
 from .weights import TRANSFORMER_SUBDIR, check_weights_dir
 
 log = logging.getLogger(__name__)
