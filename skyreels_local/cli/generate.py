@@ -55,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device", default=settings.device, help="torch device, e.g. cuda:1 [env SKYREELS_DEVICE]"
     )
+    p.add_argument(
+        "--profile",
+        default=settings.profile,
+        help="GPU memory profile: auto (from free VRAM), a name from configs/profiles (80gb, 48gb, 24gb, "
+        "sequential, cpu) or a profile file [env SKYREELS_PROFILE]",
+    )
     p.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
     p.set_defaults(func=run)
 
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.loader import load_engine
     from ..video import write_mp4
 
-    engine = load_engine(args.model, device=args.device)
+    engine = load_engine(args.model, device=args.device, profile=args.profile)
     bar = None if args.no_progress or not sys.stderr.isatty() and os.environ.get("CI") else _progress_bar()
 
     def on_progress(progress: Progress) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import GenerationCancelled
 from .images import centre_crop_resize
-from .prompts import PromptEncoder
+from .prompts import PromptEncoder, TextEncoderResidency
 from .request import (
     DEFAULT_NEGATIVE_PROMPT,
     OUTPUT_FPS,
@@ -83,12 +83,22 @@ def draw_seed() -> int:
 class Engine:
     """Owns a loaded pipeline and runs one generation at a time."""
 
-    def __init__(self, pipe: Any, spec: ModelSpec, *, profile: str = "default") -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        spec: ModelSpec,
+        *,
+        profile: str = "default",
+        text_encoders: TextEncoderResidency | None = None,
+    ) -> None:
         self.pipe = pipe
         self.spec = spec
-        self.profile = profile
+        self.profile = profile  # the memory profile's name (profiles.py), shown in /ready and logs
         self.prompts = PromptEncoder(
-            pipe, prompt_template=spec.prompt_template, max_sequence_length=spec.max_sequence_length
+            pipe,
+            prompt_template=spec.prompt_template,
+            max_sequence_length=spec.max_sequence_length,
+            residency=text_encoders,
         )
         # One generation at a time: the pipeline and its scheduler hold per-call state.
         self._lock = threading.Lock()

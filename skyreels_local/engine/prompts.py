@@ -1,18 +1,94 @@
-"""Prompt encoding with a small LRU cache of embeddings.
+"""Prompt encoding with a small LRU cache of embeddings, and where the text encoders live.
 
 The 8B Llama text encoder costs seconds per prompt, and the negative prompt is nearly always the
 same default: caching embeddings by text makes repeated prompts free. Entries are kept on the
 device the transformer runs on (a few MB each at full size: 256 x 4096 bf16 = 2 MiB).
+
+On GPUs that cannot keep the text encoders (16 GB in fp16) next to the transformer, the memory
+profile gives the encoder a `TextEncoderResidency`: the text encoders come onto the GPU only for a
+cache miss and leave (or are freed) right after, so they never share the GPU with denoising.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+
+
+class TextEncoderResidency(Protocol):
+    """Moves the pipeline's text encoders around one encode (see profiles.py)."""
+
+    def before_encode(self, pipe: Any) -> None: ...
+
+    def after_encode(self, pipe: Any) -> None: ...
+
+
+class ResidentTextEncoders:
+    """Text encoders stay where the profile put them (on the GPU, or managed by offload hooks)."""
+
+    def before_encode(self, pipe: Any) -> None:
+        pass
+
+    def after_encode(self, pipe: Any) -> None:
+        pass
+
+
+def _release_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class OffloadedTextEncoders:
+    """Text encoders live in host memory; moved to the GPU for an encode and back right after."""
+
+    def __init__(self, device: torch.device, offload_device: torch.device) -> None:
+        self.device = device
+        self.offload_device = offload_device
+
+    def before_encode(self, pipe: Any) -> None:
+        for name in TEXT_ENCODER_NAMES:
+            getattr(pipe, name).to(self.device)
+
+    def after_encode(self, pipe: Any) -> None:
+        for name in TEXT_ENCODER_NAMES:
+            getattr(pipe, name).to(self.offload_device)
+        _release_device_memory(self.device)
+
+
+class FreedTextEncoders:
+    """Text encoders are dropped after each encode and reloaded (from the weights folder) for the
+    next cache miss: the least memory on both GPU and host, at the cost of a reload per new prompt."""
+
+    def __init__(
+        self, device: torch.device, reload: Callable[[], tuple[torch.nn.Module, torch.nn.Module]]
+    ) -> None:
+        self.device = device
+        self.reload = reload
+        self.reloads = 0
+
+    def before_encode(self, pipe: Any) -> None:
+        if pipe.text_encoder is None or pipe.text_encoder_2 is None:
+            log.info("reloading the text encoders (profile frees them after encoding)")
+            pipe.text_encoder, pipe.text_encoder_2 = self.reload()
+            self.reloads += 1
+        for name in TEXT_ENCODER_NAMES:
+            getattr(pipe, name).to(self.device)
+
+    def after_encode(self, pipe: Any) -> None:
+        pipe.text_encoder = None
+        pipe.text_encoder_2 = None
+        _release_device_memory(self.device)
 
 
 @dataclass(frozen=True)
@@ -46,13 +122,17 @@ class PromptEncoder:
         prompt_template: dict[str, Any] | None,
         max_sequence_length: int,
         cache_size: int = 32,
+        residency: TextEncoderResidency | None = None,
     ) -> None:
         self._pipe = pipe
+        self.residency: TextEncoderResidency = residency or ResidentTextEncoders()
         self._template_kwargs = {} if prompt_template is None else {"prompt_template": prompt_template}
         self._max_sequence_length = max_sequence_length
         self._cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        # One encode at a time: the residency moves whole models between devices around it.
+        self._encode_lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
@@ -63,7 +143,12 @@ class PromptEncoder:
                 self._cache.move_to_end(text)
                 self.hits += 1
                 return cached
-        embeds = self._encode_uncached(text)
+        with self._encode_lock:
+            self.residency.before_encode(self._pipe)
+            try:
+                embeds = self._encode_uncached(text)
+            finally:
+                self.residency.after_encode(self._pipe)
         with self._lock:
             self.misses += 1
             self._cache[text] = embeds
