@@ -22,17 +22,19 @@ GPU's free memory at start-up; the one with the smallest requirement is the last
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
 import tomllib
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import InvalidInputError
 from .prompts import FreedTextEncoders, OffloadedTextEncoders, ResidentTextEncoders, TextEncoderResidency
@@ -45,16 +47,16 @@ CPU_PROFILE = "cpu"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 GIB = 1024**3
 
+# Profiles are plain dataclasses checked by `_from_dict` (not pydantic): the engine, and with it
+# scripts/gpu_check.py, must import on a bare GPU machine that has torch and diffusers only.
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class GroupOffloadSettings(_Strict):
+@dataclass(frozen=True)
+class GroupOffloadSettings:
     """diffusers group offloading (`apply_group_offloading`)."""
 
     offload_type: Literal["block_level", "leaf_level"] = "block_level"
-    blocks_per_group: int = Field(default=1, ge=1)
+    blocks_per_group: int = 1
     # Prefetch the next group on a side CUDA stream (needs pinned host memory; ignored off CUDA).
     use_stream: bool = True
     # With streams: let the allocator track cross-stream use instead of synchronising per block.
@@ -62,8 +64,13 @@ class GroupOffloadSettings(_Strict):
     # Pin each group when it is loaded instead of pinning everything at start-up (less host RAM, slower).
     low_cpu_mem_usage: bool = False
 
+    def __post_init__(self) -> None:
+        if self.blocks_per_group < 1:
+            raise ValueError(f"blocks_per_group: must be at least 1, got {self.blocks_per_group}")
 
-class TransformerSettings(_Strict):
+
+@dataclass(frozen=True)
+class TransformerSettings:
     placement: Literal["resident", "group-offload", "sequential-offload"] = "resident"
     storage_dtype: Literal["compute", "float8_e4m3fn"] = "compute"
     # layerwise: diffusers' layerwise casting (composes with group offload).
@@ -72,23 +79,26 @@ class TransformerSettings(_Strict):
     group_offload: GroupOffloadSettings = GroupOffloadSettings()
 
 
-class TextEncoderSettings(_Strict):
+@dataclass(frozen=True)
+class TextEncoderSettings:
     placement: Literal["resident", "offload", "group-offload", "free", "sequential-offload"] = "resident"
     # Encodes are rare (embeddings are cached): no stream, no pinned copy of 16 GB of host memory.
     group_offload: GroupOffloadSettings = GroupOffloadSettings(use_stream=False, record_stream=False)
 
 
-class VaeSettings(_Strict):
+@dataclass(frozen=True)
+class VaeSettings:
     placement: Literal["resident", "sequential-offload"] = "resident"
     tiling: bool = True
 
 
-class Profile(_Strict):
+@dataclass(frozen=True)
+class Profile:
     name: str
     description: str = ""
     device: Literal["cuda", "cpu"] = "cuda"
     # `auto` chooses this profile when the GPU has at least this much free memory (GiB).
-    min_free_gib: float = Field(default=0.0, ge=0)
+    min_free_gib: float = 0.0
     # Expected peak VRAM (GiB) at 544x960x97 with the real text encoders; documentation, and what
     # scripts/gpu_check.py compares its measurement with.
     expected_peak_gib: float | None = None
@@ -96,8 +106,9 @@ class Profile(_Strict):
     text_encoders: TextEncoderSettings = TextEncoderSettings()
     vae: VaeSettings = VaeSettings()
 
-    @model_validator(mode="after")
-    def _supported_combinations(self) -> Profile:
+    def __post_init__(self) -> None:
+        if self.min_free_gib < 0:
+            raise ValueError(f"min_free_gib: must be >= 0, got {self.min_free_gib}")
         t = self.transformer
         if t.storage_dtype == "float8_e4m3fn" and t.placement == "sequential-offload":
             raise ValueError(
@@ -107,7 +118,11 @@ class Profile(_Strict):
             raise ValueError(
                 "transformer: fp8_method 'torchao' needs placement 'resident'; use 'layerwise' to offload"
             )
-        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        """Build and check a profile; ValueError names the offending setting."""
+        return _from_dict(cls, data, "", None)
 
     def summary(self) -> str:
         t = self.transformer
@@ -118,6 +133,56 @@ class Profile(_Strict):
             f"VAE {self.vae.placement}{' tiled' if self.vae.tiling else ''}",
         ]
         return f"{self.name}: " + ", ".join(parts)
+
+
+def _from_dict(cls: type, data: Any, path: str, default: Any) -> Any:
+    """A (nested) settings dataclass from a mapping: unknown keys, wrong types and values outside
+    a Literal's choices are errors naming the setting; missing keys keep the defaults."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.rstrip('.') or 'profile'}: must be a table of settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ValueError(f"{path}{key}: unknown setting (known: {', '.join(sorted(names))})")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        where = f"{path}{key}"
+        if dataclasses.is_dataclass(hint):
+            base = getattr(default, key) if default is not None else getattr(cls, key, None)
+            values[key] = _from_dict(hint, value, f"{where}.", base)
+        else:
+            values[key] = _check_value(hint, value, where)
+    try:
+        if default is not None:
+            return dataclasses.replace(default, **values)
+        return cls(**values)
+    except ValueError as exc:
+        raise ValueError(f"{path}{exc}") from exc
+
+
+def _check_value(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None and type(None) in args:
+            return None
+        return _check_value(next(a for a in args if a is not type(None)), value, where)
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{where}: must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where}: must be a number, got {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"{where}: must be a string, got {value!r}")
+    return value
 
 
 # --- finding and reading profiles ----------------------------------------------------------------
@@ -153,10 +218,9 @@ def read_profile_file(path: Path) -> Profile:
         raise InvalidInputError("profile", str(path), "must hold a table/object of profile settings")
     data.setdefault("name", path.stem)
     try:
-        return Profile.model_validate(data)
-    except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise InvalidInputError("profile", str(path), f"must be a valid profile ({errors})") from exc
+        return Profile.from_dict(data)
+    except ValueError as exc:
+        raise InvalidInputError("profile", str(path), f"must be a valid profile ({exc})") from exc
 
 
 def load_profiles(directory: Path | None = None) -> dict[str, Profile]:
