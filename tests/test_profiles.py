@@ -20,6 +20,7 @@ from skyreels_local.engine.loader import load_engine
 from skyreels_local.engine.profiles import (
     GroupOffloadSettings,
     apply_profile,
+    cast_like_layerwise_casting,
     default_profiles_dir,
     group_offload_kwargs,
     load_profiles,
@@ -249,6 +250,23 @@ def test_expected_peaks_cover_the_weights_each_profile_keeps_on_the_gpu(profiles
     # 48gb must fit a 48 GB card; 80gb must fit 80 GB.
     assert profiles["48gb"].expected_peak_gib < profiles["48gb"].min_free_gib <= 44
     assert profiles["80gb"].expected_peak_gib < profiles["80gb"].min_free_gib <= 76
+
+
+def test_device_side_fp8_cast_matches_diffusers_layerwise_casting():
+    """The GPU pre-cast (run here on the CPU) casts exactly what enable_layerwise_casting casts,
+    to the same values, so enabling the hooks afterwards changes nothing."""
+    reference = build_tiny_components(seed=2)["transformer"]
+    reference.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    model = build_tiny_components(seed=2)["transformer"]
+    count = cast_like_layerwise_casting(model, torch.float8_e4m3fn, CPU)
+    expected = reference.state_dict()
+    assert count == sum(1 for p in reference.parameters() if p.dtype == torch.float8_e4m3fn) > 10
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == expected[name].dtype, name
+        assert torch.equal(tensor.float(), expected[name].float()), name
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor.float(), expected[name].float()), name
 
 
 # --- the tiny model under every profile, on the CPU -------------------------------------------
