@@ -130,8 +130,8 @@ def environment(device) -> dict[str, Any]:
         import torchao
 
         env["torchao"] = torchao.__version__
-    except ImportError:
-        env["torchao"] = None
+    except Exception as exc:  # absent, or built for another torch: not needed by the profiles
+        env["torchao"] = f"unavailable ({type(exc).__name__})"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         free, total = torch.cuda.mem_get_info(device)

@@ -47,8 +47,10 @@ def write_weights_folder(
         target = root / (TRANSFORMER_SUBDIR if name == "transformer" else name)
         if name.startswith("tokenizer") or name == "scheduler":
             component.save_pretrained(target)
-        else:
+        elif isinstance(component, diffusers.ModelMixin):
             component.save_pretrained(target, max_shard_size=max_shard_size, safe_serialization=True)
+        else:  # transformers >= 5 always writes safetensors (and no longer takes safe_serialization)
+            component.save_pretrained(target, max_shard_size=max_shard_size)
     index = {"_class_name": "HunyuanVideoPipeline", "_diffusers_version": diffusers.__version__}
     index.update({name: list(lib_cls) for name, lib_cls in _MODEL_INDEX_CLASSES.items()})
     (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
