@@ -324,6 +324,8 @@ def test_offloaded_text_encoders_leave_the_device_after_encoding():
     engine.prompts.encode("first")  # cached: no move
     engine.prompts.encode("second")
     assert moves == ["in", "out", "in", "out"]
+    assert residency.moves_whole_models  # an encode must not overlap a denoise under this profile
+    assert not load_engine("tiny-random", device="cpu", profile="24gb").prompts.residency.moves_whole_models
 
 
 def test_freed_text_encoders_are_reloaded_for_new_prompts(tmp_path):

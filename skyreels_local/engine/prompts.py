@@ -28,6 +28,10 @@ TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 class TextEncoderResidency(Protocol):
     """Moves the pipeline's text encoders around one encode (see profiles.py)."""
 
+    # True when an encode brings whole text encoders (16 GB at full size) onto the GPU: such an
+    # encode must not overlap a denoise, whose memory the profile did not plan for both.
+    moves_whole_models: bool
+
     def before_encode(self, pipe: Any) -> None: ...
 
     def after_encode(self, pipe: Any) -> None: ...
@@ -35,6 +39,8 @@ class TextEncoderResidency(Protocol):
 
 class ResidentTextEncoders:
     """Text encoders stay where the profile put them (on the GPU, or managed by offload hooks)."""
+
+    moves_whole_models = False
 
     def before_encode(self, pipe: Any) -> None:
         pass
@@ -51,6 +57,8 @@ def _release_device_memory(device: torch.device) -> None:
 
 class OffloadedTextEncoders:
     """Text encoders live in host memory; moved to the GPU for an encode and back right after."""
+
+    moves_whole_models = True
 
     def __init__(self, device: torch.device, offload_device: torch.device) -> None:
         self.device = device
@@ -69,6 +77,8 @@ class OffloadedTextEncoders:
 class FreedTextEncoders:
     """Text encoders are dropped after each encode and reloaded (from the weights folder) for the
     next cache miss: the least memory on both GPU and host, at the cost of a reload per new prompt."""
+
+    moves_whole_models = True
 
     def __init__(
         self, device: torch.device, reload: Callable[[], tuple[torch.nn.Module, torch.nn.Module]]
