@@ -7,11 +7,14 @@ Tests build their own Settings and pass it in.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_WEIGHTS_DIR = Path("weights")
+# A list read from one comma-separated environment variable (not JSON).
+CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -30,3 +33,64 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Field(default=Path("data"), description="job table, uploads and outputs live here")
+
+    # --- API server (`skyreels-local serve`) ---------------------------------------------------
+    api_keys: CommaList = Field(
+        default_factory=list, description="bearer keys the API accepts (env: comma-separated)"
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="file with one API key per line (# comments); re-read when it changes"
+    )
+    insecure_no_auth: bool = Field(
+        default=False, description="serve without any API key on a non-loopback address (dangerous)"
+    )
+    public_base_url: str | None = Field(
+        default=None,
+        description="base of the absolute URLs in responses, e.g. https://gpu1.studio.lan; "
+        "default: the scheme and host the request came to",
+    )
+    workers: int | None = Field(
+        default=None,
+        ge=0,
+        description="worker processes: default one per visible GPU, one on a CPU-only machine; "
+        "0 starts none (jobs wait for workers started separately)",
+    )
+    sync_wait_s: float = Field(
+        default=600.0, gt=0, description="enable_sync_mode: longest wait before replying `processing` + 5004"
+    )
+    max_queue: int = Field(default=500, ge=1, description="waiting jobs before a submit is answered 429")
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="largest accepted upload")
+    max_download_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1, description="largest input image download"
+    )
+    download_timeout_s: float = Field(default=30.0, gt=0, description="time limit of one image download")
+    url_allow_list: CommaList = Field(
+        default_factory=list,
+        description="hosts or CIDRs that image and webhook URLs may reach although they are not public "
+        "(loopback, LAN, link-local); everything else non-public is refused (env: comma-separated)",
+    )
+    retention_days: float = Field(
+        default=7.0, gt=0, description="predictions, outputs and uploads are kept this long"
+    )
+    webhook_secret: str | None = Field(
+        default=None,
+        description="webhook signing secret (whsec_...); default: generated once, kept in the data dir",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="time a webhook receiver gets to answer")
+    webhook_retry_window_s: float = Field(
+        default=24 * 3600.0, gt=0, description="undelivered webhooks are retried with backoff for this long"
+    )
+    max_attempts: int = Field(
+        default=2, ge=1, description="times a job is started before an interrupted job fails with code 5000"
+    )
+    engine_factory: str | None = Field(
+        default=None,
+        description="advanced: `module:function(settings, device)` returning an Engine; default loads --model",
+    )
+
+    @field_validator("api_keys", "url_allow_list", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
