@@ -1,0 +1,708 @@
+"""The job table: predictions in SQLite (WAL), their state machine, and what survives a restart.
+
+One database file under the data directory is shared by the HTTP process (submit, poll, cancel,
+webhook delivery) and the worker processes (claim, progress, finish). WAL mode lets polls read
+while a worker commits, so the API answers in milliseconds however busy the GPU is. Every state
+change is one conditional UPDATE (or one short `BEGIN IMMEDIATE` transaction), so two processes
+can never both move the same job.
+
+States: created -> processing -> completed | failed, and cancelled (our extra cancel endpoint).
+A claim token is written with each claim; a worker's later writes must carry it, so a worker that
+was given up for dead (and its job re-queued) cannot overwrite the job's next run.
+
+The same file also holds the webhook outbox (written in the same transaction as the terminal
+state, so a finished job can never lose its webhook), the upload records and the server's secrets.
+Timestamps are Unix seconds (UTC) as REAL; the wire format is produced in schemas.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from .errors import SkyreelsError, TaskCode
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+class JobStatus(StrEnum):
+    CREATED = "created"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class QueueFullError(SkyreelsError):
+    """The bounded queue is full: submit answers 429 with Retry-After."""
+
+    http_status = 429
+    task_code = TaskCode.SERVICE_UNAVAILABLE
+
+    def __init__(self, waiting: int, retry_after_s: int = 30) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the queue is full ({waiting} jobs waiting); retry later")
+
+
+@dataclass
+class Job:
+    """One prediction as stored. `params` are the validated generation parameters."""
+
+    seq: int
+    id: str
+    model: str
+    status: JobStatus
+    input: dict[str, Any]
+    params: dict[str, Any]
+    seed: int
+    base_url: str
+    webhook_url: str | None
+    base64_output: bool
+    preset: str
+    profile: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    progress: float
+    outputs: list[str]
+    error: str
+    code: int | None
+    execution_ms: int
+    inference_ms: int
+    attempts: int
+    worker_id: str | None
+    claim: str | None
+    cancel_requested: bool
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(
+            seq=row["seq"],
+            id=row["id"],
+            model=row["model"],
+            status=JobStatus(row["status"]),
+            input=json.loads(row["input"]),
+            params=json.loads(row["params"]),
+            seed=row["seed"],
+            base_url=row["base_url"],
+            webhook_url=row["webhook_url"],
+            base64_output=bool(row["base64_output"]),
+            preset=row["preset"],
+            profile=row["profile"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            progress=row["progress"],
+            outputs=json.loads(row["outputs"]),
+            error=row["error"],
+            code=row["code"],
+            execution_ms=row["execution_ms"],
+            inference_ms=row["inference_ms"],
+            attempts=row["attempts"],
+            worker_id=row["worker_id"],
+            claim=row["claim"],
+            cancel_requested=bool(row["cancel_requested"]),
+        )
+
+
+@dataclass
+class WorkerRecord:
+    id: str
+    pid: int | None
+    device: str
+    state: str  # starting | loading | ready | busy | stopped | crashed | failed
+    model: str
+    profile: str
+    error: str
+    started_at: float
+    heartbeat_at: float
+    job_id: str | None
+
+
+@dataclass
+class WebhookDelivery:
+    id: int
+    prediction_id: str
+    url: str
+    attempts: int
+    created_at: float
+
+
+@dataclass
+class Upload:
+    id: str
+    filename: str
+    content_type: str
+    size: int
+    complete: bool
+    created_at: float
+
+
+@dataclass
+class Expired:
+    """What a retention sweep removed from the table; the caller deletes the files."""
+
+    output_files: list[str] = field(default_factory=list)
+    upload_ids: list[str] = field(default_factory=list)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- queue order
+    id TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    status TEXT NOT NULL,
+    input TEXT NOT NULL,                     -- the request body as submitted (echoed in webhooks)
+    params TEXT NOT NULL,                    -- validated generation parameters
+    seed INTEGER NOT NULL,                   -- drawn at submit when the request said -1
+    base_url TEXT NOT NULL,                  -- where the client reached us (absolute URLs in webhooks)
+    webhook_url TEXT,
+    base64_output INTEGER NOT NULL DEFAULT 0,
+    preset TEXT NOT NULL DEFAULT '',
+    profile TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    progress REAL NOT NULL DEFAULT 0,
+    outputs TEXT NOT NULL DEFAULT '[]',      -- file names under outputs/
+    error TEXT NOT NULL DEFAULT '',
+    code INTEGER,
+    execution_ms INTEGER NOT NULL DEFAULT 0,
+    inference_ms INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker_id TEXT,
+    claim TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS predictions_status_seq ON predictions (status, seq);
+CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created_at);
+
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    pid INTEGER,
+    device TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    model TEXT NOT NULL DEFAULT '',
+    profile TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT '',
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    job_id TEXT
+);
+
+CREATE TABLE IF NOT EXISTS webhooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    prediction_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',  -- pending | delivered | dead
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    delivered_at REAL,
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (status, next_attempt_at);
+
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    filename TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class JobStore:
+    """All access to the SQLite file. One connection per thread; safe across processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} was written by a newer skyreels-local (schema {version} > {SCHEMA_VERSION})"
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # --- connections -------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # isolation_level=None: we issue BEGIN ourselves; timeout is SQLite's busy wait.
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: an accepted job survives a power cut, not only a crash; the cost is one fsync
+            # per commit, negligible next to a generation.
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the lock up front (no deadlock on upgrade)."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --- predictions: API side ---------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        id: str,
+        model: str,
+        input: dict[str, Any],
+        params: dict[str, Any],
+        seed: int,
+        base_url: str,
+        webhook_url: str | None = None,
+        base64_output: bool = False,
+        preset: str = "",
+        max_queue: int | None = None,
+        now: float | None = None,
+    ) -> Job:
+        """Insert a new job in `created`. Raises QueueFullError past `max_queue` waiting jobs."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            if max_queue is not None:
+                waiting = conn.execute(
+                    "SELECT COUNT(*) FROM predictions WHERE status = 'created'"
+                ).fetchone()[0]
+                if waiting >= max_queue:
+                    raise QueueFullError(waiting)
+            conn.execute(
+                """INSERT INTO predictions (id, model, status, input, params, seed, base_url, webhook_url,
+                   base64_output, preset, created_at) VALUES (?, ?, 'created', ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    id,
+                    model,
+                    json.dumps(input),
+                    json.dumps(params),
+                    seed,
+                    base_url,
+                    webhook_url,
+                    int(base64_output),
+                    preset,
+                    now,
+                ),
+            )
+        job = self.get(id)
+        assert job is not None
+        return job
+
+    def get(self, id: str) -> Job | None:
+        row = self._conn().execute("SELECT * FROM predictions WHERE id = ?", (id,)).fetchone()
+        return Job.from_row(row) if row is not None else None
+
+    def queue_position(self, job: Job) -> int:
+        """1-based place among waiting jobs (1 = next to run); 0 once it is no longer waiting."""
+        if job.status != JobStatus.CREATED:
+            return 0
+        return (
+            self._conn()
+            .execute("SELECT COUNT(*) FROM predictions WHERE status = 'created' AND seq <= ?", (job.seq,))
+            .fetchone()[0]
+        )
+
+    def queue_depth(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM predictions WHERE status = 'created'").fetchone()[0]
+
+    def count_by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys((s.value for s in JobStatus), 0)
+        for status, count in self._conn().execute("SELECT status, COUNT(*) FROM predictions GROUP BY status"):
+            counts[status] = count
+        return counts
+
+    def generation_totals(self) -> tuple[int, float]:
+        """(completed jobs, their summed execution seconds), for metrics."""
+        count, total_ms = (
+            self._conn()
+            .execute(
+                "SELECT COUNT(*), COALESCE(SUM(execution_ms), 0) FROM predictions WHERE status = 'completed'"
+            )
+            .fetchone()
+        )
+        return count, total_ms / 1000.0
+
+    def history(
+        self,
+        *,
+        page: int = 1,
+        page_size: int = 100,
+        model: str | None = None,
+        status: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+    ) -> tuple[list[Job], int]:
+        """Newest first, with the total count of matching jobs."""
+        where, args = [], []
+        if model is not None:
+            where.append("model = ?")
+            args.append(model)
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if created_after is not None:
+            where.append("created_at >= ?")
+            args.append(created_after)
+        if created_before is not None:
+            where.append("created_at <= ?")
+            args.append(created_before)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        conn = self._conn()
+        total = conn.execute(f"SELECT COUNT(*) FROM predictions {clause}", args).fetchone()[0]
+        rows = conn.execute(
+            f"SELECT * FROM predictions {clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
+            [*args, page_size, (page - 1) * page_size],
+        ).fetchall()
+        return [Job.from_row(row) for row in rows], total
+
+    def request_cancel(self, id: str, *, now: float | None = None) -> Job | None:
+        """A waiting job is cancelled at once; a running one is flagged and its worker stops it at
+        the next step. Terminal jobs are left as they are. Returns the job after the change."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            row = conn.execute("SELECT status, webhook_url FROM predictions WHERE id = ?", (id,)).fetchone()
+            if row is None:
+                return None
+            if row["status"] == JobStatus.CREATED:
+                conn.execute(
+                    """UPDATE predictions SET status = 'cancelled', cancel_requested = 1, finished_at = ?,
+                       error = 'Prediction was cancelled before it started' WHERE id = ?""",
+                    (now, id),
+                )
+                self._enqueue_webhook(conn, id, row["webhook_url"], now)
+            elif row["status"] == JobStatus.PROCESSING:
+                conn.execute("UPDATE predictions SET cancel_requested = 1 WHERE id = ?", (id,))
+        return self.get(id)
+
+    # --- predictions: worker side ------------------------------------------------------------
+
+    def claim_next(
+        self, worker_id: str, claim: str, *, profile: str = "", now: float | None = None
+    ) -> Job | None:
+        """Move the oldest waiting job to `processing` for this worker, atomically."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            row = conn.execute(
+                """UPDATE predictions SET status = 'processing', worker_id = ?, claim = ?, started_at = ?,
+                   attempts = attempts + 1, profile = ?, progress = 0
+                   WHERE seq = (SELECT seq FROM predictions WHERE status = 'created' ORDER BY seq LIMIT 1)
+                   RETURNING *""",
+                (worker_id, claim, now, profile),
+            ).fetchone()
+            if row is not None:
+                conn.execute(
+                    "UPDATE workers SET job_id = ?, state = 'busy' WHERE id = ?", (row["id"], worker_id)
+                )
+        return Job.from_row(row) if row is not None else None
+
+    def set_progress(self, id: str, claim: str, progress: float) -> None:
+        self._conn().execute(
+            "UPDATE predictions SET progress = ? WHERE id = ? AND claim = ? AND status = 'processing'",
+            (progress, id, claim),
+        )
+
+    def should_stop(self, id: str, claim: str) -> bool:
+        """True when the running job was cancelled, or taken away from this claim."""
+        row = (
+            self._conn()
+            .execute("SELECT cancel_requested, status, claim FROM predictions WHERE id = ?", (id,))
+            .fetchone()
+        )
+        return (
+            row is None
+            or bool(row["cancel_requested"])
+            or row["claim"] != claim
+            or row["status"] != "processing"
+        )
+
+    def complete(
+        self,
+        id: str,
+        claim: str,
+        *,
+        outputs: list[str],
+        execution_ms: int,
+        inference_ms: int,
+        now: float | None = None,
+    ) -> bool:
+        return self._finish(
+            id,
+            claim,
+            "status = 'completed', progress = 1, outputs = ?, execution_ms = ?, inference_ms = ?, error = ''",
+            (json.dumps(outputs), execution_ms, inference_ms),
+            now,
+        )
+
+    def fail(self, id: str, claim: str, *, code: int, error: str, now: float | None = None) -> bool:
+        return self._finish(id, claim, "status = 'failed', code = ?, error = ?", (int(code), error), now)
+
+    def mark_cancelled(self, id: str, claim: str, *, now: float | None = None) -> bool:
+        return self._finish(id, claim, "status = 'cancelled', error = 'Prediction was cancelled'", (), now)
+
+    def requeue(self, id: str, claim: str) -> bool:
+        """Give a job back to the queue (graceful shutdown): this attempt does not count."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                """UPDATE predictions SET status = 'created', claim = NULL, worker_id = NULL, progress = 0,
+                   started_at = NULL, attempts = MAX(attempts - 1, 0)
+                   WHERE id = ? AND claim = ? AND status = 'processing'""",
+                (id, claim),
+            )
+            conn.execute("UPDATE workers SET job_id = NULL WHERE job_id = ?", (id,))
+        return cursor.rowcount == 1
+
+    def _finish(self, id: str, claim: str, assignments: str, args: tuple, now: float | None) -> bool:
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            row = conn.execute(
+                f"""UPDATE predictions SET {assignments}, finished_at = ?
+                    WHERE id = ? AND claim = ? AND status = 'processing' RETURNING webhook_url""",
+                (*args, now, id, claim),
+            ).fetchone()
+            if row is None:
+                log.warning("prediction %s: result of a stale claim ignored", id)
+                return False
+            self._enqueue_webhook(conn, id, row["webhook_url"], now)
+            conn.execute("UPDATE workers SET job_id = NULL, state = 'ready' WHERE job_id = ?", (id,))
+        return True
+
+    # --- recovery ----------------------------------------------------------------------------
+
+    def recover_jobs(
+        self, *, worker_ids: list[str] | None, max_attempts: int, now: float | None = None
+    ) -> int:
+        """Jobs left `processing` by dead workers (all of them when `worker_ids` is None): back to
+        the queue, or `failed` with 5000 once they have been started `max_attempts` times."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            if worker_ids is None:
+                rows = conn.execute(
+                    "SELECT id, attempts, webhook_url FROM predictions WHERE status = 'processing'"
+                )
+            else:
+                marks = ",".join("?" * len(worker_ids))
+                rows = conn.execute(
+                    f"""SELECT id, attempts, webhook_url FROM predictions
+                        WHERE status = 'processing' AND (worker_id IN ({marks}) OR worker_id IS NULL)""",
+                    worker_ids,
+                )
+            rows = rows.fetchall()
+            for row in rows:
+                if row["attempts"] >= max_attempts:
+                    conn.execute(
+                        """UPDATE predictions SET status = 'failed', code = ?, error = ?, finished_at = ?, claim = NULL
+                           WHERE id = ?""",
+                        (
+                            int(TaskCode.INTERNAL_ERROR),
+                            f"generation was interrupted {row['attempts']} times (worker crash or server "
+                            "restart); giving up",
+                            now,
+                            row["id"],
+                        ),
+                    )
+                    self._enqueue_webhook(conn, row["id"], row["webhook_url"], now)
+                    log.error("prediction %s: interrupted %d times, failed", row["id"], row["attempts"])
+                else:
+                    conn.execute(
+                        """UPDATE predictions SET status = 'created', claim = NULL, worker_id = NULL, progress = 0,
+                           started_at = NULL WHERE id = ?""",
+                        (row["id"],),
+                    )
+                    log.warning("prediction %s: interrupted, queued again", row["id"])
+        return len(rows)
+
+    # --- workers -----------------------------------------------------------------------------
+
+    def register_worker(self, id: str, *, pid: int, device: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute(
+                """INSERT INTO workers (id, pid, device, state, started_at, heartbeat_at) VALUES (?, ?, ?, 'loading', ?, ?)
+                   ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, device = excluded.device, state = 'loading',
+                   model = '', profile = '', error = '', started_at = excluded.started_at,
+                   heartbeat_at = excluded.heartbeat_at, job_id = NULL""",
+                (id, pid, device, now, now),
+            )
+
+    def update_worker(self, id: str, **fields: Any) -> None:
+        allowed = {"state", "model", "profile", "error", "pid", "job_id"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"unknown worker fields {sorted(set(fields) - allowed)}")
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._write() as conn:
+            conn.execute(f"UPDATE workers SET {assignments} WHERE id = ?", (*fields.values(), id))
+
+    def heartbeat(self, id: str, *, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self._conn().execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, id))
+
+    def workers(self) -> list[WorkerRecord]:
+        rows = self._conn().execute("SELECT * FROM workers ORDER BY id").fetchall()
+        return [WorkerRecord(**dict(row)) for row in rows]
+
+    # --- webhook outbox ----------------------------------------------------------------------
+
+    @staticmethod
+    def _enqueue_webhook(conn: sqlite3.Connection, prediction_id: str, url: str | None, now: float) -> None:
+        if url:
+            conn.execute(
+                "INSERT INTO webhooks (prediction_id, url, created_at, next_attempt_at) VALUES (?, ?, ?, ?)",
+                (prediction_id, url, now, now),
+            )
+
+    def claim_due_webhooks(
+        self, *, limit: int, lease_s: float, now: float | None = None
+    ) -> list[WebhookDelivery]:
+        """Pending deliveries that are due; each is leased (pushed back by `lease_s`) so that a
+        crash mid-delivery only delays it."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            rows = conn.execute(
+                """SELECT id, prediction_id, url, attempts, created_at FROM webhooks
+                   WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?""",
+                (now, limit),
+            ).fetchall()
+            for row in rows:
+                conn.execute(
+                    "UPDATE webhooks SET next_attempt_at = ? WHERE id = ?", (now + lease_s, row["id"])
+                )
+        return [WebhookDelivery(**dict(row)) for row in rows]
+
+    def webhook_delivered(self, id: int, *, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE webhooks SET status = 'delivered', attempts = attempts + 1, delivered_at = ? WHERE id = ?",
+                (now, id),
+            )
+
+    def webhook_failed(self, id: int, *, error: str, retry_at: float | None) -> None:
+        """Record a failed attempt; `retry_at` None gives up on it (status dead)."""
+        with self._write() as conn:
+            if retry_at is None:
+                conn.execute(
+                    "UPDATE webhooks SET status = 'dead', attempts = attempts + 1, last_error = ? WHERE id = ?",
+                    (error, id),
+                )
+            else:
+                conn.execute(
+                    """UPDATE webhooks SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?
+                       WHERE id = ?""",
+                    (error, retry_at, id),
+                )
+
+    def webhook_counts(self) -> dict[str, int]:
+        counts = {"pending": 0, "delivered": 0, "dead": 0, "failed_attempts": 0}
+        for status, count in self._conn().execute("SELECT status, COUNT(*) FROM webhooks GROUP BY status"):
+            counts[status] = count
+        counts["failed_attempts"] = (
+            self._conn()
+            .execute(
+                "SELECT COALESCE(SUM(attempts - (status = 'delivered')), 0) FROM webhooks WHERE attempts > 0"
+            )
+            .fetchone()[0]
+        )
+        return counts
+
+    # --- uploads and secrets -----------------------------------------------------------------
+
+    def create_upload(
+        self, *, id: str, filename: str, content_type: str, size: int, now: float | None = None
+    ) -> Upload:
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO uploads (id, filename, content_type, size, created_at) VALUES (?, ?, ?, ?, ?)",
+                (id, filename, content_type, size, now),
+            )
+        return Upload(
+            id=id, filename=filename, content_type=content_type, size=size, complete=False, created_at=now
+        )
+
+    def complete_upload(self, id: str, *, size: int, content_type: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE uploads SET complete = 1, size = ?, content_type = ? WHERE id = ?",
+                (size, content_type, id),
+            )
+
+    def get_upload(self, id: str) -> Upload | None:
+        row = self._conn().execute("SELECT * FROM uploads WHERE id = ?", (id,)).fetchone()
+        if row is None:
+            return None
+        return Upload(**{**dict(row), "complete": bool(row["complete"])})
+
+    def secret(self, name: str, default: str) -> str:
+        """The stored secret `name`, created as `default` on first use (the same in every process)."""
+        with self._write() as conn:
+            conn.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, default))
+            return conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0]
+
+    # --- retention ---------------------------------------------------------------------------
+
+    def expire(self, *, before: float) -> Expired:
+        """Delete finished predictions and uploads created before `before` (and settled webhooks)."""
+        expired = Expired()
+        with self._write() as conn:
+            rows = conn.execute(
+                """DELETE FROM predictions WHERE created_at < ? AND status IN ('completed', 'failed', 'cancelled')
+                   AND id NOT IN (SELECT prediction_id FROM webhooks WHERE status = 'pending')
+                   RETURNING outputs""",
+                (before,),
+            ).fetchall()
+            for row in rows:
+                expired.output_files.extend(json.loads(row["outputs"]))
+            expired.upload_ids = [
+                row["id"]
+                for row in conn.execute(
+                    "DELETE FROM uploads WHERE created_at < ? RETURNING id", (before,)
+                ).fetchall()
+            ]
+            conn.execute("DELETE FROM webhooks WHERE status != 'pending' AND created_at < ?", (before,))
+        return expired
