@@ -1,0 +1,168 @@
+"""Webhook delivery: signed exactly as the hosted API signs, retried from a persistent outbox.
+
+A terminal job writes its delivery row in the same transaction as its state (jobs.py), so a
+result is never left without its webhook, even across a crash. This dispatcher runs in the HTTP
+process (never in a worker, so a slow receiver cannot hold up the GPU): it leases due rows,
+POSTs the bare prediction object with `input` [compat], and on failure retries with exponential
+backoff for a bounded window. Receivers that hang are cut off by a timeout; deliveries run on a
+small thread pool so one hanging receiver does not stall the others.
+
+Signature [compat]: `webhook-signature: v3,<hex HMAC-SHA256>` of `"{webhook-id}.{webhook-timestamp}.{body}"`
+keyed with the secret from `GET /api/v3/webhook/secret` minus its `whsec_` prefix, as UTF-8 text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from .errors import SkyreelsError
+from .jobs import JobStore, WebhookDelivery
+from .media import AddressPolicy, guarded_client, shorten
+
+log = logging.getLogger(__name__)
+
+SECRET_PREFIX = "whsec_"
+MAX_BACKOFF_S = 600.0
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_hex(24)
+
+
+def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header value for one delivery."""
+    key = secret.removeprefix(SECRET_PREFIX).encode()
+    digest = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"v3,{digest}"
+
+
+def verify(
+    secret: str, headers: dict[str, str], body: bytes, *, max_age_s: int = 300, now: float | None = None
+) -> bool:
+    """What a receiver does (the documented algorithm); used by our tests."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    try:
+        timestamp = int(lower["webhook-timestamp"])
+        webhook_id = lower["webhook-id"]
+        signature = lower["webhook-signature"]
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - timestamp) > max_age_s:
+        return False
+    return hmac.compare_digest(sign(secret, webhook_id, timestamp, body), signature)
+
+
+def backoff_s(attempts: int) -> float:
+    """Delay before the next try after `attempts` failures: 2, 4, 8, ... capped at 10 minutes."""
+    return min(2.0**attempts, MAX_BACKOFF_S)
+
+
+class WebhookDispatcher:
+    """Delivers due outbox rows on a background thread until stopped."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        secret: str,
+        render: Callable[[str], bytes | None],
+        policy: AddressPolicy,
+        timeout_s: float,
+        retry_window_s: float,
+        poll_s: float = 0.5,
+        concurrency: int = 4,
+    ) -> None:
+        self.store = store
+        self.secret = secret
+        self.render = render  # prediction id -> JSON body (None: the prediction is gone)
+        self.policy = policy
+        self.timeout_s = timeout_s
+        self.retry_window_s = retry_window_s
+        self.poll_s = poll_s
+        self.concurrency = concurrency
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook")
+        self._thread = threading.Thread(target=self._run, name="webhook-dispatcher", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._pool is not None:
+            # Deliveries in flight keep their lease and are retried after a restart.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                due = self.store.claim_due_webhooks(limit=self.concurrency * 2, lease_s=self.timeout_s + 30)
+                for delivery in due:
+                    assert self._pool is not None
+                    self._pool.submit(self.deliver, delivery)
+            except Exception:
+                log.exception("webhook dispatcher: cannot read the outbox")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def deliver(self, delivery: WebhookDelivery) -> bool:
+        """One attempt. Returns True when the receiver answered 2xx."""
+        body = self.render(delivery.prediction_id)
+        if body is None:
+            self.store.webhook_failed(delivery.id, error="prediction no longer exists", retry_at=None)
+            return False
+        timestamp = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "webhook-id": delivery.prediction_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self.secret, delivery.prediction_id, timestamp, body),
+        }
+        try:
+            with guarded_client(self.policy, timeout=self.timeout_s) as client:
+                response = client.post(delivery.url, content=body, headers=headers)
+            if 200 <= response.status_code < 300:
+                self.store.webhook_delivered(delivery.id)
+                log.info(
+                    "prediction %s: webhook delivered to %s", delivery.prediction_id, shorten(delivery.url)
+                )
+                return True
+            error = f"HTTP {response.status_code}"
+        except (httpx.HTTPError, SkyreelsError) as exc:
+            error = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
+        except Exception as exc:  # a webhook must never take the dispatcher down
+            log.exception("prediction %s: webhook delivery crashed", delivery.prediction_id)
+            error = f"{exc.__class__.__name__}: {exc}"
+        attempts = delivery.attempts + 1
+        retry_at = time.time() + backoff_s(attempts)
+        if retry_at - delivery.created_at > self.retry_window_s:
+            log.error(
+                "prediction %s: webhook to %s failed %d times (%s); giving up",
+                delivery.prediction_id, shorten(delivery.url), attempts, error,
+            )  # fmt: skip
+            self.store.webhook_failed(delivery.id, error=error, retry_at=None)
+        else:
+            log.warning(
+                "prediction %s: webhook to %s failed (%s); retry %d in %.0fs",
+                delivery.prediction_id, shorten(delivery.url), error, attempts, backoff_s(attempts),
+            )  # fmt: skip
+            self.store.webhook_failed(delivery.id, error=error, retry_at=retry_at)
+        return False

@@ -1,0 +1,240 @@
+"""Test helpers for the HTTP API: a real `skyreels-local serve` process on a loopback port, and a
+small local HTTP site that serves images and receives webhooks.
+
+Each API test module starts one server (module-scoped fixture): the tiny model loads once, and
+every test talks to a real uvicorn over a real socket, with real worker processes behind it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+from PIL import Image
+
+TESTS_DIR = Path(__file__).resolve().parent
+API_KEY = "test-key-0123456789"
+MODEL_PATH = "/api/v3/wavespeed-ai/SkyReels-V1"
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_bytes(width: int = 96, height: int = 72, color: tuple[int, int, int] = (0, 128, 128)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_uri(data: bytes | None = None) -> str:
+    return "data:image/png;base64," + base64.b64encode(data or png_bytes()).decode()
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    api_key: str
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen
+
+    def client(self, api_key: str | None = None, **kwargs: Any) -> httpx.Client:
+        key = self.api_key if api_key is None else api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30.0, **kwargs)
+
+    def submit(self, body: dict[str, Any], **params: Any) -> dict[str, Any]:
+        with self.client() as client:
+            response = client.post(MODEL_PATH, json=body, params=params or None)
+        assert response.status_code == 200, response.text
+        return response.json()["data"]
+
+    def get(self, prediction_id: str) -> dict[str, Any]:
+        with self.client() as client:
+            response = client.get(f"/api/v3/predictions/{prediction_id}/result")
+        assert response.status_code == 200, response.text
+        return response.json()["data"]
+
+    def wait(
+        self, prediction_id: str, *, statuses: tuple[str, ...] = TERMINAL, timeout: float = 120.0
+    ) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            data = self.get(prediction_id)
+            if data["status"] in statuses:
+                return data
+            if time.monotonic() > deadline:
+                raise AssertionError(f"prediction {prediction_id} still {data['status']} after {timeout}s")
+            time.sleep(0.1)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test server: ours only (no SKYREELS_* leaking in from the shell)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYREELS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def start_server(
+    data_dir: Path,
+    *,
+    args: list[str] = (),
+    env: dict[str, str] | None = None,
+    api_key: str = API_KEY,
+    port: int = 0,
+) -> RunningServer:
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir.parent / f"server-{data_dir.name}-{port}.log"
+    command = [
+        sys.executable, "-m", "skyreels_local", "serve",
+        "--model", "tiny-random", "--device", "cpu",
+        "--port", str(port), "--data-dir", str(data_dir), "--api-key", api_key, *args,
+    ]  # fmt: skip
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(env))
+    return RunningServer(f"http://127.0.0.1:{port}", api_key, data_dir, log_path, process)
+
+
+def wait_ready(server: RunningServer, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(server.base_url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"server not ready after {timeout}s:\n{server.log_tail()}")
+
+
+def stop_server(server: RunningServer, *, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+    if server.process.poll() is None:
+        server.process.send_signal(sig)
+        try:
+            server.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+    return server.process.returncode
+
+
+@contextmanager
+def running_server(data_dir: Path, **kwargs: Any) -> Iterator[RunningServer]:
+    server = start_server(data_dir, **kwargs)
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        stop_server(server)
+
+
+# --- a local site: images to download, a webhook receiver ------------------------------------
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class LocalSite:
+    """GET <url>/<name> serves `files[name]`, GET <url>/redirect?to=<url> redirects, /loop redirects forever, anything
+    else is 404; POST records the request and answers the next of `post_statuses` (then 200)."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    received: list[Received] = field(default_factory=list)
+    post_statuses: list[int] = field(default_factory=list)
+    post_delay_s: float = 0.0
+    url: str = ""
+
+    def wait_for(self, count: int, timeout: float = 60.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.received)} requests received, expected {count}")
+            time.sleep(0.05)
+        return self.received
+
+
+@contextmanager
+def local_site() -> Iterator[LocalSite]:
+    site = LocalSite()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            parts = urlsplit(self.path)
+            name = parts.path.lstrip("/")
+            if name in site.files:
+                self.send_response(200)
+                self.send_header(
+                    "Content-Type", "application/octet-stream"
+                )  # content is sniffed, not trusted
+                self.send_header("Content-Length", str(len(site.files[name])))
+                self.end_headers()
+                self.wfile.write(site.files[name])
+            elif name in ("redirect", "loop"):  # /redirect?to=<url>; /loop redirects to itself
+                self.send_response(302)
+                self.send_header(
+                    "Location", parse_qs(parts.query)["to"][0] if name == "redirect" else "/loop"
+                )
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_error(404)
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if site.post_delay_s:
+                time.sleep(site.post_delay_s)
+            status = site.post_statuses.pop(0) if site.post_statuses else 200
+            site.received.append(Received(self.path, dict(self.headers.items()), body))
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    site.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield site
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
