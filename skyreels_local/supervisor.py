@@ -1,0 +1,193 @@
+"""Starts the worker processes, watches them, and restarts the ones that die.
+
+Runs inside the HTTP process (a thread; it never imports torch). One worker per visible GPU,
+each pinned with CUDA_VISIBLE_DEVICES; one on a CPU-only machine; `--device` pins a single
+worker. A worker that exits unexpectedly has its job re-queued (or failed once it has used up
+its attempts, see jobs.py) and is restarted with a growing delay, so a model that cannot load
+does not spin. A worker whose heartbeat stops (a hung process) is killed and treated the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .config import Settings
+from .jobs import JobStore
+
+log = logging.getLogger(__name__)
+
+MONITOR_S = 0.5
+HEARTBEAT_STALE_S = 60.0  # a worker that has not written its heartbeat for this long is hung
+MAX_RESTART_DELAY_S = 60.0
+STOP_GRACE_S = 20.0
+
+
+@dataclass
+class WorkerSpec:
+    id: str
+    device: str  # "" lets the worker pick (cuda when present, else cpu)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def visible_gpus() -> list[str]:
+    """GPU indices this process may use, without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [part.strip() for part in visible.split(",") if part.strip() and part.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def plan_workers(settings: Settings) -> list[WorkerSpec]:
+    if settings.workers == 0:
+        return []
+    if settings.device:
+        return [WorkerSpec("w0", settings.device)]
+    gpus = visible_gpus()
+    if not gpus:
+        return [WorkerSpec(f"w{i}", "cpu") for i in range(settings.workers or 1)]
+    count = settings.workers or len(gpus)
+    return [WorkerSpec(f"w{i}", "cuda", {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}) for i in range(count)]
+
+
+@dataclass
+class _Managed:
+    spec: WorkerSpec
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+
+
+class WorkerSupervisor:
+    def __init__(self, settings: Settings, store: JobStore, *, log_level: str = "INFO") -> None:
+        self.settings = settings
+        self.store = store
+        self.log_level = log_level
+        self.workers = [_Managed(spec) for spec in plan_workers(settings)]
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Workers need the settings but not the API keys or the webhook secret.
+        self._config_json = settings.model_dump_json(exclude={"api_keys", "webhook_secret"})
+
+    def start(self) -> None:
+        # Jobs left running by our worker ids, or by any worker process that no longer exists,
+        # belong to a previous life of the server: queue them again (or fail them, see jobs.py).
+        dead = {w.spec.id for w in self.workers}
+        dead |= {r.id for r in self.store.workers() if r.pid is None or not pid_alive(r.pid)}
+        if dead:
+            self.store.recover_jobs(worker_ids=sorted(dead), max_attempts=self.settings.max_attempts)
+        for worker in self.workers:
+            self._spawn(worker)
+        self._thread = threading.Thread(target=self._monitor, name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def _spawn(self, worker: _Managed) -> None:
+        command = [
+            sys.executable, "-m", "skyreels_local.worker",
+            "--id", worker.spec.id,
+            "--device", worker.spec.device,
+            "--config-json", self._config_json,
+            "--log-level", self.log_level,
+        ]  # fmt: skip
+        env = {**os.environ, **worker.spec.env, "PYTHONUNBUFFERED": "1"}
+        worker.process = subprocess.Popen(command, env=env)
+        worker.started_at = time.monotonic()
+        log.info(
+            "worker %s started (pid %d, device %s)", worker.spec.id, worker.process.pid, worker.spec.device
+        )
+
+    def _monitor(self) -> None:
+        while not self._stop.wait(MONITOR_S):
+            for worker in self.workers:
+                try:
+                    self._check(worker)
+                except Exception:
+                    log.exception("supervisor: checking worker %s failed", worker.spec.id)
+
+    def _check(self, worker: _Managed) -> None:
+        now = time.monotonic()
+        if worker.process is None:
+            if now >= worker.restart_at and not self._stop.is_set():
+                self.restarts += 1
+                self._spawn(worker)
+            return
+        code = worker.process.poll()
+        if code is None:
+            if self._heartbeat_stale(worker):
+                log.error("worker %s: no heartbeat for %.0fs, killing it", worker.spec.id, HEARTBEAT_STALE_S)
+                worker.process.kill()
+            return
+        if self._stop.is_set():
+            return
+        # Died on its own: give its job back (or fail it), then restart with a growing delay.
+        uptime = now - worker.started_at
+        worker.failures = 1 if uptime > MAX_RESTART_DELAY_S else worker.failures + 1
+        delay = min(2.0 ** (worker.failures - 1), MAX_RESTART_DELAY_S)
+        log.error("worker %s exited with code %s; restarting in %.0fs", worker.spec.id, code, delay)
+        self._mark_dead(worker, f"exited with code {code}")
+        worker.process = None
+        worker.restart_at = now + delay
+
+    def _heartbeat_stale(self, worker: _Managed) -> bool:
+        if time.monotonic() - worker.started_at < HEARTBEAT_STALE_S:
+            return False
+        for record in self.store.workers():
+            if record.id == worker.spec.id:
+                return time.time() - record.heartbeat_at > HEARTBEAT_STALE_S
+        return False
+
+    def _mark_dead(self, worker: _Managed, reason: str) -> None:
+        records = {record.id: record for record in self.store.workers()}
+        record = records.get(worker.spec.id)
+        if record is not None and record.state != "failed":
+            self.store.update_worker(worker.spec.id, state="crashed", error=reason, job_id=None)
+        self.store.recover_jobs(worker_ids=[worker.spec.id], max_attempts=self.settings.max_attempts)
+
+    def alive(self) -> int:
+        return sum(1 for w in self.workers if w.process is not None and w.process.poll() is None)
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM every worker (each re-queues its running job), then SIGKILL stragglers."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        running = [w for w in self.workers if w.process is not None and w.process.poll() is None]
+        for worker in running:
+            worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for worker in running:
+            try:
+                worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker %s did not stop in %.0fs, killing it", worker.spec.id, grace_s)
+                worker.process.kill()
+                worker.process.wait()
+        ids = [w.spec.id for w in self.workers]
+        if ids:
+            self.store.recover_jobs(worker_ids=ids, max_attempts=self.settings.max_attempts)

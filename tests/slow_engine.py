@@ -1,0 +1,33 @@
+"""An engine factory for API tests (`SKYREELS_ENGINE_FACTORY=slow_engine:build_engine`): the real
+tiny-random engine, slowed down after every denoising step, so that a test can watch progress,
+queue positions and cancellation of a job that is really running."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+STEP_DELAY_S = float(os.environ.get("SKYREELS_TEST_STEP_DELAY_S", "0.25"))
+
+
+class SlowEngine:
+    def __init__(self, engine: Any, delay_s: float) -> None:
+        self._engine = engine
+        self.delay_s = delay_s
+        self.spec = engine.spec
+        self.profile = engine.profile
+
+    def generate(self, request: Any, *, on_progress: Any = None, should_cancel: Any = None) -> Any:
+        def slow_progress(progress: Any) -> None:
+            time.sleep(self.delay_s)
+            if on_progress is not None:
+                on_progress(progress)
+
+        return self._engine.generate(request, on_progress=slow_progress, should_cancel=should_cancel)
+
+
+def build_engine(settings: Any, device: str | None) -> SlowEngine:
+    from skyreels_local.engine.loader import load_engine
+
+    return SlowEngine(load_engine("tiny-random", device=device), STEP_DELAY_S)
