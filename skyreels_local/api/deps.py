@@ -1,0 +1,89 @@
+"""FastAPI dependencies: the app's Services and bearer-key authentication."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import InvalidInputError
+from ..media import shorten
+from .errors import error_response
+from .services import Services
+
+# Documents bearer auth in the OpenAPI file. Enforcement is ApiKeyGate (below), a middleware,
+# because FastAPI parses bodies (JSON, multipart) before it runs dependencies: a route-level check
+# would answer a bad body with 400 to a caller without a key, instead of 401.
+_bearer = HTTPBearer(auto_error=False, description="one of the server's API keys")
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def _document_bearer(_credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """No-op at run time (see ApiKeyGate); marks the route as needing the key in the docs."""
+
+
+Authenticated = Depends(_document_bearer)
+
+
+def base_url(request: Request, services: ServicesDep) -> str:
+    return services.base_url(request)
+
+
+BaseUrlDep = Annotated[str, Depends(base_url)]
+
+
+async def json_body(request: Request) -> Any:
+    """The request's JSON body; an empty body counts as `{}` (clients send GET-style empty POSTs)."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidInputError(
+            "body", shorten(raw.decode("utf-8", "replace")), "must be valid JSON"
+        ) from None
+
+
+class ApiKeyGate:
+    """ASGI middleware: every request under /api/v3/ needs `Authorization: Bearer <key>`,
+    checked before anything reads the body. Other paths are public (health, docs) or carry their
+    own signed tokens (/files/)."""
+
+    PROTECTED_PREFIX = "/api/v3/"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.PROTECTED_PREFIX):
+            services: Services = scope["app"].state.services
+            error = _check_key(services, Headers(scope=scope).get("authorization", ""))
+            if error is not None:
+                response = error_response(401, error, {"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _check_key(services: Services, header: str) -> str | None:
+    """None when the request may pass, else what is wrong."""
+    if not services.auth.enabled:
+        return None
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        return "missing API key: send `Authorization: Bearer <key>`"
+    if not services.auth.check(key):
+        return "invalid API key"
+    return None

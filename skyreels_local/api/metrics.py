@@ -1,0 +1,69 @@
+"""Prometheus metrics, read from the job table at scrape time (so they are right across
+processes and restarts) plus the supervisor's in-process restart count."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .services import Services
+
+
+class ServerCollector(Collector):
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.services.store
+        jobs = GaugeMetricFamily(
+            "skyreels_jobs", "Predictions in the job table, by status", labels=["status"]
+        )
+        for status, count in store.count_by_status().items():
+            jobs.add_metric([status], count)
+        yield jobs
+        yield GaugeMetricFamily(
+            "skyreels_queue_depth", "Predictions waiting for a worker", value=store.queue_depth()
+        )
+        readiness = self.services.readiness()
+        up = sum(1 for w in readiness["workers"] if w["state"] in ("ready", "busy"))
+        yield GaugeMetricFamily(
+            "skyreels_workers_up", "Workers with a model loaded and a fresh heartbeat", value=up
+        )
+        yield CounterMetricFamily(
+            "skyreels_worker_restarts",
+            "Worker processes restarted after dying",
+            value=self.services.supervisor.restarts,
+        )
+        count, seconds = store.generation_totals()
+        yield SummaryMetricFamily(
+            "skyreels_generation_seconds", "Time from start to result of completed predictions",
+            count_value=count, sum_value=seconds,
+        )  # fmt: skip
+        hooks = store.webhook_counts()
+        deliveries = CounterMetricFamily(
+            "skyreels_webhooks", "Webhooks delivered, and given up after the retry window", labels=["outcome"]
+        )
+        for outcome in ("delivered", "dead"):
+            deliveries.add_metric([outcome], hooks[outcome])
+        yield deliveries
+        yield GaugeMetricFamily(
+            "skyreels_webhooks_pending", "Webhooks waiting for (re)delivery", value=hooks["pending"]
+        )
+        yield CounterMetricFamily(
+            "skyreels_webhook_failures", "Failed webhook delivery attempts", value=hooks["failed_attempts"]
+        )
+
+
+def build_registry(services: Services) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(services))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

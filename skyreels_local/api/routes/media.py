@@ -1,0 +1,82 @@
+"""Uploads: the ticket flow (POST a ticket, then PUT the bytes to a signed URL) and multipart."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from ...media import PayloadTooLargeError
+from ...schemas import Envelope, UploadedFile, UploadInstruction, UploadTicket, UploadTicketRequest
+from ..deps import Authenticated, BaseUrlDep, ServicesDep
+from .predictions import ERRORS
+
+router = APIRouter(prefix="/api/v3/media", dependencies=[Authenticated], responses=ERRORS, tags=["media"])
+
+CHUNK = 1024 * 1024
+
+
+@router.post(
+    "/uploads",
+    response_model=Envelope[UploadTicket],
+    summary="Start an upload: returns a signed PUT URL (no Authorization needed) and the download URL",
+)
+def create_upload(
+    ticket: UploadTicketRequest, services: ServicesDep, base_url: BaseUrlDep
+) -> Envelope[UploadTicket]:
+    upload = services.uploads.new(
+        filename=ticket.filename, size=ticket.size, content_type=ticket.content_type
+    )
+    return Envelope(
+        data=UploadTicket(
+            filename=upload.filename,
+            size=upload.size,
+            download_url=services.links.upload_download(base_url, upload),
+            upload=UploadInstruction(
+                url=services.links.upload_put(base_url, upload),
+                headers={"Content-Type": upload.content_type},
+            ),
+        )
+    )
+
+
+@router.post(
+    "/upload/binary",
+    response_model=Envelope[UploadedFile],
+    summary="Upload an image as multipart form data (field `file`)",
+)
+async def upload_binary(
+    file: Annotated[UploadFile, File(description="the image")], services: ServicesDep, base_url: BaseUrlDep
+) -> Envelope[UploadedFile]:
+    upload = services.uploads.new(filename=file.filename or "upload", size=0, content_type=file.content_type)
+    size = await store_upload(services, upload, _chunks(file))
+    return Envelope(
+        data=UploadedFile(
+            filename=upload.filename, size=size, download_url=services.links.upload_download(base_url, upload)
+        )
+    )
+
+
+async def _chunks(file: UploadFile) -> Any:
+    while chunk := await file.read(CHUNK):
+        yield chunk
+
+
+async def store_upload(services: ServicesDep, upload: Any, chunks: Any) -> int:
+    """Stream chunks to a temporary file under the cap, then sniff and publish it."""
+    uploads = services.uploads
+    tmp, handle = uploads.open_writer(upload)
+    size = 0
+    try:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > uploads.max_bytes:
+                raise PayloadTooLargeError(f"the file is larger than the {uploads.max_bytes} bytes allowed")
+            handle.write(chunk)
+        handle.close()
+        await run_in_threadpool(uploads.finish, upload, tmp, size)
+    finally:
+        handle.close()
+        tmp.unlink(missing_ok=True)
+    return size

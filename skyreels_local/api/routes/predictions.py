@@ -1,0 +1,190 @@
+"""Submit, poll, cancel and list predictions (the WaveSpeed v3 prediction endpoints)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from ... import MODEL_ID
+from ...errors import InvalidInputError
+from ...jobs import JobStatus
+from ...schemas import (
+    Envelope,
+    ErrorEnvelope,
+    Prediction,
+    PredictionPage,
+    SkyReelsInput,
+    parse_datetime,
+    parse_skyreels_input,
+)
+from ..deps import Authenticated, BaseUrlDep, ServicesDep, json_body
+from ..errors import NotFoundError
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorEnvelope} for code in (400, 401, 404, 413, 429, 500)
+}
+
+router = APIRouter(prefix="/api/v3", dependencies=[Authenticated], responses=ERRORS)
+
+# A 404 for every other model id; registered after all other /api/v3 routes.
+unknown_model_router = APIRouter(prefix="/api/v3", dependencies=[Authenticated], include_in_schema=False)
+
+_SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": SkyReelsInput.model_json_schema()}},
+    }
+}
+
+
+@router.post(
+    f"/{MODEL_ID}",
+    response_model=Envelope[Prediction],
+    response_model_exclude_none=True,
+    summary="Submit a SkyReels-V1 image-to-video prediction",
+    tags=["predictions"],
+    openapi_extra=_SUBMIT_BODY,
+)
+async def submit(
+    request: Request,
+    services: ServicesDep,
+    base_url: BaseUrlDep,
+    body: Annotated[Any, Depends(json_body)],
+    webhook: Annotated[str | None, Query(description="URL that receives the finished prediction")] = None,
+) -> Envelope[Prediction]:
+    parsed = parse_skyreels_input(body, webhook_query=webhook)
+    job = await run_in_threadpool(services.submit, parsed, body, base_url)
+    if not parsed.enable_sync_mode:
+        return Envelope(data=await run_in_threadpool(services.render, job, base_url))
+    wait_s = services.settings.sync_wait_s
+    job = await services.wait(job.id, wait_s)
+    prediction = await run_in_threadpool(services.render, job, base_url)
+    if not job.terminal:
+        # [compat] the hosted API's sync-timeout reply: HTTP 200, status processing, code 5004.
+        prediction.status = JobStatus.PROCESSING.value
+        prediction.code = 5004
+        prediction.error = f"Sync mode timed out after {wait_s:g} seconds. The prediction is still processing asynchronously."
+    return Envelope(data=prediction)
+
+
+@unknown_model_router.post("/{model_id:path}")
+def unknown_model(model_id: str) -> None:
+    raise NotFoundError(f"model {model_id!r} is not served here; this server serves {MODEL_ID!r}")
+
+
+def _get(services: ServicesDep, prediction_id: str, base_url: str) -> Envelope[Prediction]:
+    job = services.store.get(prediction_id)
+    if job is None:
+        raise NotFoundError(f"prediction {prediction_id!r} not found")
+    return Envelope(data=services.render(job, base_url))
+
+
+@router.get(
+    "/predictions/{prediction_id}/result",
+    response_model=Envelope[Prediction],
+    response_model_exclude_none=True,
+    summary="Poll a prediction (what every SDK calls)",
+    tags=["predictions"],
+)
+def get_result(prediction_id: str, services: ServicesDep, base_url: BaseUrlDep) -> Envelope[Prediction]:
+    return _get(services, prediction_id, base_url)
+
+
+@router.get(
+    "/predictions/{prediction_id}",
+    response_model=Envelope[Prediction],
+    response_model_exclude_none=True,
+    summary="Get a prediction",
+    tags=["predictions"],
+)
+def get_prediction(prediction_id: str, services: ServicesDep, base_url: BaseUrlDep) -> Envelope[Prediction]:
+    return _get(services, prediction_id, base_url)
+
+
+@router.post(
+    "/predictions/{prediction_id}/cancel",
+    response_model=Envelope[Prediction],
+    response_model_exclude_none=True,
+    summary="Cancel a prediction (extra): waiting ones at once, running ones at the next step",
+    tags=["predictions"],
+)
+def cancel(prediction_id: str, services: ServicesDep, base_url: BaseUrlDep) -> Envelope[Prediction]:
+    job = services.store.request_cancel(prediction_id)
+    if job is None:
+        raise NotFoundError(f"prediction {prediction_id!r} not found")
+    if job.webhook_url and job.terminal:
+        services.dispatcher.wake()
+    return Envelope(data=services.render(job, base_url))
+
+
+_STATUSES = [s.value for s in JobStatus]
+
+
+def _history(services: ServicesDep, base_url: str, query: dict[str, Any]) -> Envelope[PredictionPage]:
+    if not isinstance(query, dict):
+        raise InvalidInputError("body", type(query).__name__, "must be a JSON object")
+    page = query.get("page") or 1
+    page_size = query.get("page_size") or 100
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise InvalidInputError("page", page, "must be an integer >= 1")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 100:
+        raise InvalidInputError("page_size", page_size, "must be an integer from 1 to 100")
+    status = query.get("status") or None
+    if status is not None and status not in _STATUSES:
+        raise InvalidInputError("status", status, f"must be one of {', '.join(_STATUSES)}")
+    model = query.get("model") or None
+    if model is not None and not isinstance(model, str):
+        raise InvalidInputError("model", model, "must be a string")
+    jobs, total = services.store.history(
+        page=page,
+        page_size=page_size,
+        model=model,
+        status=status,
+        created_after=parse_datetime("created_after", query.get("created_after")),
+        created_before=parse_datetime("created_before", query.get("created_before")),
+    )
+    items = [services.render(job, base_url, urls_only=True) for job in jobs]
+    return Envelope(data=PredictionPage(page=page, page_size=page_size, total=total, items=items))
+
+
+@router.post(
+    "/predictions",
+    response_model=Envelope[PredictionPage],
+    response_model_exclude_none=True,
+    summary="Prediction history, newest first (page, page_size, model, status, created_after/before)",
+    tags=["predictions"],
+)
+def history(
+    services: ServicesDep, base_url: BaseUrlDep, body: Annotated[Any, Depends(json_body)]
+) -> Envelope[PredictionPage]:
+    return _history(services, base_url, body)
+
+
+@router.get(
+    "/predictions",
+    response_model=Envelope[PredictionPage],
+    response_model_exclude_none=True,
+    summary="Prediction history by query parameters",
+    tags=["predictions"],
+)
+def history_get(
+    services: ServicesDep,
+    base_url: BaseUrlDep,
+    page: int = 1,
+    page_size: int = 100,
+    model: str | None = None,
+    status: str | None = None,
+    created_after: str | None = None,
+    created_before: str | None = None,
+) -> Envelope[PredictionPage]:
+    query = {
+        "page": page,
+        "page_size": page_size,
+        "model": model,
+        "status": status,
+        "created_after": created_after,
+        "created_before": created_before,
+    }
+    return _history(services, base_url, query)

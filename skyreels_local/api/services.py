@@ -1,0 +1,229 @@
+"""Everything the routes need, built once per app from one Settings object.
+
+`Services` owns the job store, URL signing, uploads, auth, the worker supervisor, the webhook
+dispatcher and the retention sweep, and knows how to turn a stored job into the wire
+prediction. Routes get it through a FastAPI dependency (deps.py), never through a global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from .. import MODEL_ID
+from ..config import Settings
+from ..engine.request import SEED_MAX
+from ..jobs import TERMINAL_STATUSES, Job, JobStatus, JobStore
+from ..media import AddressPolicy, Links, UploadStore, UrlSigner
+from ..paths import DataPaths
+from ..schemas import Prediction, SkyReelsInput, prediction_from_job
+from ..supervisor import WorkerSupervisor
+from ..webhooks import SECRET_PREFIX, WebhookDispatcher, new_secret
+from .auth import ApiKeys
+
+log = logging.getLogger(__name__)
+
+WORKER_FRESH_S = 15.0  # a worker counts as up while its heartbeat is this recent
+SWEEP_EVERY_S = 3600.0
+SYNC_POLL_S = 0.1
+
+
+class Periodic:
+    """Calls `fn` every `interval_s` seconds on a daemon thread (first call at start)."""
+
+    def __init__(self, interval_s: float, fn: Callable[[], None], name: str) -> None:
+        self.interval_s = interval_s
+        self.fn = fn
+        self.name = name
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.fn()
+            except Exception:
+                log.exception("%s failed", self.name)
+            self._stop.wait(self.interval_s)
+
+
+class Services:
+    def __init__(self, settings: Settings, *, log_level: str = "INFO") -> None:
+        self.settings = settings
+        self.paths = DataPaths(settings.data_dir).create()
+        self.store = JobStore(self.paths.database)
+        self.signer = UrlSigner(self.store.secret("url_signing_key", secrets.token_hex(32)))
+        self.links = Links(self.signer, retention_s=settings.retention_days * 86400)
+        self.uploads = UploadStore(self.paths.uploads, self.store, max_bytes=settings.max_upload_bytes)
+        configured = settings.webhook_secret
+        if configured:
+            self.webhook_secret = (
+                configured if configured.startswith(SECRET_PREFIX) else SECRET_PREFIX + configured
+            )
+        else:
+            self.webhook_secret = self.store.secret("webhook_secret", new_secret())
+        self.auth = ApiKeys(settings.api_keys, settings.api_keys_file)
+        self.policy = AddressPolicy(settings.url_allow_list)
+        self.supervisor = WorkerSupervisor(settings, self.store, log_level=log_level)
+        self.dispatcher = WebhookDispatcher(
+            self.store,
+            secret=self.webhook_secret,
+            render=self.webhook_body,
+            policy=self.policy,
+            timeout_s=settings.webhook_timeout_s,
+            retry_window_s=settings.webhook_retry_window_s,
+        )
+        self.sweeper = Periodic(SWEEP_EVERY_S, self.sweep, "retention-sweep")
+
+    def start(self) -> None:
+        self.supervisor.start()
+        self.dispatcher.start()
+        self.sweeper.start()
+
+    def stop(self) -> None:
+        self.sweeper.stop()
+        self.dispatcher.stop()
+        self.supervisor.stop()
+        self.store.close()
+
+    # --- URLs --------------------------------------------------------------------------------
+
+    def base_url(self, request: Request) -> str:
+        """The configured public base URL, else the scheme and host this request came to."""
+        if self.settings.public_base_url:
+            return self.settings.public_base_url.rstrip("/")
+        return str(request.base_url).rstrip("/")
+
+    def render(
+        self, job: Job, base_url: str, *, include_input: bool = False, urls_only: bool = False
+    ) -> Prediction:
+        """The wire prediction of a stored job. `urls_only` keeps history pages small."""
+        outputs: list[str] = []
+        if job.status == JobStatus.COMPLETED:
+            if job.base64_output and not urls_only:
+                outputs = [self._base64_file(name) for name in job.outputs]
+            else:
+                outputs = [
+                    self.links.output(base_url, name, job.finished_at or job.created_at)
+                    for name in job.outputs
+                ]
+        return prediction_from_job(
+            job,
+            base_url=base_url,
+            outputs=outputs,
+            queue_position=self.store.queue_position(job),
+            include_input=include_input,
+        )
+
+    def _base64_file(self, name: str) -> str:
+        # [compat] bare base64, no `data:` prefix.
+        return base64.b64encode((self.paths.outputs / name).read_bytes()).decode("ascii")
+
+    def webhook_body(self, prediction_id: str) -> bytes | None:
+        """The webhook body: the bare prediction object with `input` [compat]."""
+        job = self.store.get(prediction_id)
+        if job is None:
+            return None
+        prediction = self.render(job, job.base_url, include_input=True)
+        return json.dumps(prediction.model_dump(exclude_none=True), separators=(",", ":")).encode()
+
+    # --- predictions -------------------------------------------------------------------------
+
+    def submit(self, parsed: SkyReelsInput, body: dict[str, Any], base_url: str) -> Job:
+        # A seed is drawn now, not by the worker, so `data.seed` is known from the first reply.
+        seed = parsed.seed if parsed.seed >= 0 else secrets.randbelow(SEED_MAX + 1)
+        params = parsed.model_dump(
+            include={
+                "prompt",
+                "image",
+                "negative_prompt",
+                "guidance_scale",
+                "num_inference_steps",
+                "aspect_ratio",
+            }
+        )
+        job = self.store.create(
+            id=uuid.uuid4().hex,
+            model=MODEL_ID,
+            input=body,
+            params=params,
+            seed=seed,
+            base_url=base_url,
+            webhook_url=parsed.webhook_url,
+            base64_output=parsed.enable_base64_output,
+            preset=self.settings.preset,
+            max_queue=self.settings.max_queue,
+        )
+        log.info("prediction %s: submitted (seed %d, %d steps)", job.id, seed, parsed.num_inference_steps)
+        return job
+
+    async def wait(self, prediction_id: str, timeout_s: float) -> Job:
+        """Poll the job table until the job is terminal or `timeout_s` passes (sync mode)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = await run_in_threadpool(self.store.get, prediction_id)
+            assert job is not None
+            remaining = deadline - time.monotonic()
+            if job.status in TERMINAL_STATUSES or remaining <= 0:
+                return job
+            await asyncio.sleep(min(SYNC_POLL_S, remaining))
+
+    # --- health ------------------------------------------------------------------------------
+
+    def readiness(self) -> dict[str, Any]:
+        now = time.time()
+        workers = self.store.workers()
+        up = [w for w in workers if w.state in ("ready", "busy") and now - w.heartbeat_at < WORKER_FRESH_S]
+        ready_worker = up[0] if up else None
+        return {
+            "ready": ready_worker is not None,
+            "model": ready_worker.model if ready_worker else self.settings.model,
+            "profile": ready_worker.profile if ready_worker else "",
+            "preset": self.settings.preset,
+            "queue_depth": self.store.queue_depth(),
+            "workers": [
+                {
+                    "id": w.id,
+                    "state": w.state if w in up or w.state not in ("ready", "busy") else "unresponsive",
+                    "device": w.device,
+                    "pid": w.pid,
+                    "model": w.model,
+                    "profile": w.profile,
+                    "error": w.error,
+                    "job_id": w.job_id,
+                }
+                for w in workers
+            ],
+        }
+
+    # --- retention ---------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        expired = self.store.expire(before=time.time() - self.settings.retention_days * 86400)
+        for name in expired.output_files:
+            (self.paths.outputs / name).unlink(missing_ok=True)
+        for upload_id in expired.upload_ids:
+            self.uploads.delete(upload_id)
+        if expired.output_files or expired.upload_ids:
+            log.info(
+                "retention: removed %d outputs and %d uploads",
+                len(expired.output_files),
+                len(expired.upload_ids),
+            )
