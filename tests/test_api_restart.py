@@ -1,0 +1,89 @@
+"""Nothing accepted is lost across a kill -9 of the server or a graceful stop: waiting jobs run,
+the interrupted one is re-run, finished results and their signed URLs stay valid, a webhook still
+owed is delivered by the next server, and SIGTERM hands the running job back to the queue."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from api_server import data_uri, free_port, local_site, start_server, stop_server, wait_ready
+
+from skyreels_local.jobs import JobStatus, JobStore
+from skyreels_local.video import read_mp4
+
+SLOW = {"SKYREELS_ENGINE_FACTORY": "slow_engine:build_engine", "SKYREELS_TEST_STEP_DELAY_S": "0.25"}
+
+
+def body(steps: int) -> dict:
+    return {"prompt": "survivor", "image": data_uri(), "num_inference_steps": steps}
+
+
+def pid_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_server_restart_then_sigterm(tmp_path):
+    data_dir, port = tmp_path / "data", free_port()
+    args = ["--url-allow-list", "127.0.0.1"]
+    with local_site() as site:
+        site.post_statuses = [500] * 50  # the receiver is down while the first server lives
+        first = start_server(data_dir, args=args, env=SLOW, port=port)
+        try:
+            wait_ready(first)
+            worker_pid = httpx.get(first.base_url + "/ready").json()["data"]["workers"][0]["pid"]
+            finished = first.wait(first.submit(body(1), webhook=f"{site.url}/hook")["id"])
+            assert finished["status"] == "completed"
+            site.wait_for(1)  # one failed delivery attempt
+            interrupted = first.submit(body(8))
+            first.wait(interrupted["id"], statuses=("processing",))
+            waiting = first.submit(body(1))
+        finally:
+            stop_server(first, sig=signal.SIGKILL)
+        assert pid_gone(worker_pid), "the worker must die with its server"
+
+        site.post_statuses = []  # the receiver is back
+        second = start_server(data_dir, args=args, env=SLOW, port=port)
+        try:
+            wait_ready(second)
+            rerun = second.wait(interrupted["id"], timeout=60)
+            assert rerun["status"] == "completed" and rerun["seed"] == interrupted["seed"]
+            assert second.wait(waiting["id"], timeout=60)["status"] == "completed"
+            # the result from before the crash, and its URL, are still good
+            again = second.get(finished["id"])
+            assert again["outputs"] == finished["outputs"]
+            video = tmp_path / "before.mp4"
+            video.write_bytes(httpx.get(finished["outputs"][0]).content)
+            assert read_mp4(video)[0].shape == (9, 32, 64, 3)
+            # the webhook owed from before the crash arrives (after its backoff)
+            deadline = time.monotonic() + 30
+            while not any(r.path == "/hook" for r in site.received[1:]) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert [r.path for r in site.received] == ["/hook", "/hook"]
+            assert site.received[-1].json()["id"] == finished["id"]
+
+            # SIGTERM: the running job goes back to the queue and the server exits promptly.
+            running = second.submit(body(40))  # ~10 s or more
+            second.wait(running["id"], statuses=("processing",))
+            stopping = time.monotonic()
+        finally:
+            code = stop_server(second)
+        assert time.monotonic() - stopping < 15
+        # uvicorn re-raises the signal once its graceful shutdown is done, so the exit status says SIGTERM.
+        assert code in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in second.log_path.read_text()
+        store = JobStore(data_dir / "jobs.sqlite3")
+        assert store.get(interrupted["id"]).attempts == 2  # started once by each server
+        handed_back = store.get(running["id"])
+        assert handed_back.status == JobStatus.CREATED and handed_back.attempts == 0
