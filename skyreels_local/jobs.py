@@ -66,8 +66,6 @@ class Job:
     id: str
     model: str
     status: JobStatus
-    input: dict[str, Any]
-    params: dict[str, Any]
     seed: int
     base_url: str
     webhook_url: str | None
@@ -87,6 +85,8 @@ class Job:
     worker_id: str | None
     claim: str | None
     cancel_requested: bool
+    input: dict[str, Any] = field(default_factory=dict)  # empty unless loaded (get_full, claims)
+    params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def terminal(self) -> bool:
@@ -94,13 +94,12 @@ class Job:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
+        columns = set(row.keys())  # (`in row` would search the values)
         return cls(
             seq=row["seq"],
             id=row["id"],
             model=row["model"],
             status=JobStatus(row["status"]),
-            input=json.loads(row["input"]),
-            params=json.loads(row["params"]),
             seed=row["seed"],
             base_url=row["base_url"],
             webhook_url=row["webhook_url"],
@@ -120,6 +119,8 @@ class Job:
             worker_id=row["worker_id"],
             claim=row["claim"],
             cancel_requested=bool(row["cancel_requested"]),
+            input=json.loads(row["input"]) if "input" in columns else {},
+            params=json.loads(row["params"]) if "params" in columns else {},
         )
 
 
@@ -170,8 +171,6 @@ CREATE TABLE IF NOT EXISTS predictions (
     id TEXT NOT NULL UNIQUE,
     model TEXT NOT NULL,
     status TEXT NOT NULL,
-    input TEXT NOT NULL,                     -- the request body as submitted (echoed in webhooks)
-    params TEXT NOT NULL,                    -- validated generation parameters
     seed INTEGER NOT NULL,                   -- drawn at submit when the request said -1
     base_url TEXT NOT NULL,                  -- where the client reached us (absolute URLs in webhooks)
     webhook_url TEXT,
@@ -190,7 +189,11 @@ CREATE TABLE IF NOT EXISTS predictions (
     attempts INTEGER NOT NULL DEFAULT 0,
     worker_id TEXT,
     claim TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    -- Last on purpose: a data: URI image makes these megabytes long, and SQLite reads the
+    -- columns before them without walking their overflow pages. Polls never load them.
+    params TEXT NOT NULL,                    -- validated generation parameters (the worker's)
+    input TEXT NOT NULL                      -- the request body as submitted (echoed in webhooks)
 );
 CREATE INDEX IF NOT EXISTS predictions_status_seq ON predictions (status, seq);
 CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created_at);
@@ -235,6 +238,12 @@ CREATE TABLE IF NOT EXISTS secrets (
     value TEXT NOT NULL
 );
 """
+
+
+# Every column but the large ones (input, params): what polls and history read.
+_LIGHT_COLUMNS = """seq, id, model, status, seed, base_url, webhook_url, base64_output, preset, profile,
+    created_at, started_at, finished_at, progress, outputs, error, code, execution_ms, inference_ms,
+    attempts, worker_id, claim, cancel_requested"""
 
 
 class JobStore:
@@ -335,6 +344,11 @@ class JobStore:
         return job
 
     def get(self, id: str) -> Job | None:
+        row = self._conn().execute(f"SELECT {_LIGHT_COLUMNS} FROM predictions WHERE id = ?", (id,)).fetchone()
+        return Job.from_row(row) if row is not None else None
+
+    def get_full(self, id: str) -> Job | None:
+        """With `input` and `params` (webhook bodies, the worker)."""
         row = self._conn().execute("SELECT * FROM predictions WHERE id = ?", (id,)).fetchone()
         return Job.from_row(row) if row is not None else None
 
@@ -396,7 +410,7 @@ class JobStore:
         conn = self._conn()
         total = conn.execute(f"SELECT COUNT(*) FROM predictions {clause}", args).fetchone()[0]
         rows = conn.execute(
-            f"SELECT * FROM predictions {clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
+            f"SELECT {_LIGHT_COLUMNS} FROM predictions {clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
             [*args, page_size, (page - 1) * page_size],
         ).fetchall()
         return [Job.from_row(row) for row in rows], total

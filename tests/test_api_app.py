@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from skyreels_local.api import create_app
 from skyreels_local.api.auth import ApiKeys
+from skyreels_local.api.services import DataDirInUseError
 from skyreels_local.config import Settings
 
 
@@ -69,6 +70,14 @@ def test_ready_is_503_in_the_envelope_until_a_worker_is_up(tmp_path):
         services.store.update_worker("w9", state="ready", model="/weights", profile="bf16-resident")
         ready = client.get("/ready").json()["data"]
         assert ready["ready"] is True and ready["model"] == "/weights" and ready["profile"] == "bf16-resident"
+
+
+def test_one_server_per_data_dir(tmp_path):
+    first = app_client(tmp_path)
+    with first, pytest.raises(DataDirInUseError, match="in use by another server"), app_client(tmp_path):
+        pass
+    with app_client(tmp_path) as client:  # released on shutdown
+        assert client.get("/health").status_code == 200
 
 
 def test_without_any_key_configured_auth_is_off(tmp_path):

@@ -4,6 +4,8 @@ running: the tiny engine slowed to 0.25 s per denoising step (tests/slow_engine.
 
 from __future__ import annotations
 
+import os
+import signal
 import statistics
 import time
 
@@ -145,3 +147,23 @@ def test_the_official_client_reports_a_sync_timeout(server, client):
     assert f"{server.base_url}/api/v3/predictions/" in str(raised.value)
     result = ws.run_no_throw("wavespeed-ai/SkyReels-V1", body(12), enable_sync_mode=True)
     assert result["status"] == "processing" and len(result["task_id"]) == 32
+
+
+def test_a_worker_killed_mid_job_is_restarted_and_the_job_runs_again(server, client):
+    old_pid = httpx.get(server.base_url + "/ready").json()["data"]["workers"][0]["pid"]
+    job = server.submit(body(8))
+    server.wait(job["id"], statuses=("processing",), timeout=60)
+    os.kill(old_pid, signal.SIGKILL)
+    # The API keeps answering while the worker is dead and reloading; the job waits, then reruns.
+    seen = set()
+    deadline = time.monotonic() + 120
+    while (status := server.get(job["id"])["status"]) != "completed":
+        seen.add(status)
+        assert status in ("processing", "created"), status
+        assert time.monotonic() < deadline, "the job never completed after the worker was killed"
+        time.sleep(0.1)
+    assert "created" in seen  # it went back to the queue
+    ready = httpx.get(server.base_url + "/ready").json()["data"]
+    assert ready["ready"] and ready["workers"][0]["pid"] != old_pid
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert "skyreels_worker_restarts_total 1.0" in metrics

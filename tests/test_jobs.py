@@ -37,7 +37,9 @@ def test_create_get_and_queue_positions(store):
     first, second, third = add(store), add(store), add(store)
     job = store.get(second)
     assert job.status == JobStatus.CREATED and job.seed == 42 and job.preset == "exact"
-    assert job.input == {"prompt": "p", "image": "data:,"}
+    assert job.input == {} and job.params == {}  # polls never load the (possibly huge) request
+    full = store.get_full(second)
+    assert full.input == {"prompt": "p", "image": "data:,"} and full.params["num_inference_steps"] == 2
     assert [store.queue_position(store.get(i)) for i in (first, second, third)] == [1, 2, 3]
     assert store.queue_depth() == 3
     assert store.get("f" * 32) is None

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
 import logging
+import os
 import secrets
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -24,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import MODEL_ID
 from ..config import Settings
 from ..engine.request import SEED_MAX
+from ..errors import SkyreelsError, TaskCode
 from ..jobs import TERMINAL_STATUSES, Job, JobStatus, JobStore
 from ..media import AddressPolicy, Links, UploadStore, UrlSigner
 from ..paths import DataPaths
@@ -37,6 +40,31 @@ log = logging.getLogger(__name__)
 WORKER_FRESH_S = 15.0  # a worker counts as up while its heartbeat is this recent
 SWEEP_EVERY_S = 3600.0
 SYNC_POLL_S = 0.1
+
+
+class DataDirInUseError(SkyreelsError):
+    http_status = 500
+    task_code = TaskCode.SERVICE_UNAVAILABLE
+
+
+def lock_data_dir(paths: DataPaths) -> IO[str]:
+    """One server per data directory: a second one would start workers with the same ids and
+    re-queue the first one's running jobs. The kernel drops the lock when the process dies."""
+    handle = open(paths.root / "server.lock", "a+")  # noqa: SIM115 - held for the server's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise DataDirInUseError(
+            f"data directory {str(paths.root)!r} is in use by another server (pid {owner})"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 class Periodic:
@@ -68,6 +96,7 @@ class Services:
     def __init__(self, settings: Settings, *, log_level: str = "INFO") -> None:
         self.settings = settings
         self.paths = DataPaths(settings.data_dir).create()
+        self._lock = lock_data_dir(self.paths)
         self.store = JobStore(self.paths.database)
         self.signer = UrlSigner(self.store.secret("url_signing_key", secrets.token_hex(32)))
         self.links = Links(self.signer, retention_s=settings.retention_days * 86400)
@@ -102,6 +131,7 @@ class Services:
         self.dispatcher.stop()
         self.supervisor.stop()
         self.store.close()
+        self._lock.close()
 
     # --- URLs --------------------------------------------------------------------------------
 
@@ -138,7 +168,7 @@ class Services:
 
     def webhook_body(self, prediction_id: str) -> bytes | None:
         """The webhook body: the bare prediction object with `input` [compat]."""
-        job = self.store.get(prediction_id)
+        job = self.store.get_full(prediction_id)
         if job is None:
             return None
         prediction = self.render(job, job.base_url, include_input=True)
