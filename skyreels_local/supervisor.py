@@ -102,10 +102,23 @@ class WorkerSupervisor:
         dead |= {r.id for r in self.store.workers() if r.pid is None or not pid_alive(r.pid)}
         if dead:
             self.store.recover_jobs(worker_ids=sorted(dead), max_attempts=self.settings.max_attempts)
+        self._thread = threading.Thread(target=self._run, name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        # Every worker is started, watched and stopped from this one thread, which outlives them:
+        # Linux's parent-death signal (worker.py) fires when the *thread* that started a process
+        # exits, so a worker started from a short-lived thread (e.g. a thread pool's) would be
+        # killed when that thread is retired.
         for worker in self.workers:
             self._spawn(worker)
-        self._thread = threading.Thread(target=self._monitor, name="worker-supervisor", daemon=True)
-        self._thread.start()
+        while not self._stop.wait(MONITOR_S):
+            for worker in self.workers:
+                try:
+                    self._check(worker)
+                except Exception:
+                    log.exception("supervisor: checking worker %s failed", worker.spec.id)
+        self._stop_workers()
 
     def _spawn(self, worker: _Managed) -> None:
         command = [
@@ -121,14 +134,6 @@ class WorkerSupervisor:
         log.info(
             "worker %s started (pid %d, device %s)", worker.spec.id, worker.process.pid, worker.spec.device
         )
-
-    def _monitor(self) -> None:
-        while not self._stop.wait(MONITOR_S):
-            for worker in self.workers:
-                try:
-                    self._check(worker)
-                except Exception:
-                    log.exception("supervisor: checking worker %s failed", worker.spec.id)
 
     def _check(self, worker: _Managed) -> None:
         now = time.monotonic()
@@ -169,23 +174,23 @@ class WorkerSupervisor:
             self.store.update_worker(worker.spec.id, state="crashed", error=reason, job_id=None)
         self.store.recover_jobs(worker_ids=[worker.spec.id], max_attempts=self.settings.max_attempts)
 
-    def alive(self) -> int:
-        return sum(1 for w in self.workers if w.process is not None and w.process.poll() is None)
-
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM every worker (each re-queues its running job), then SIGKILL stragglers."""
+    def stop(self) -> None:
+        """Stop every worker (each hands its running job back) and wait for them."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=STOP_GRACE_S + 15)
+
+    def _stop_workers(self) -> None:
+        """SIGTERM every worker (each re-queues its running job), then SIGKILL stragglers."""
         running = [w for w in self.workers if w.process is not None and w.process.poll() is None]
         for worker in running:
             worker.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
+        deadline = time.monotonic() + STOP_GRACE_S
         for worker in running:
             try:
                 worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("worker %s did not stop in %.0fs, killing it", worker.spec.id, grace_s)
+                log.error("worker %s did not stop in %.0fs, killing it", worker.spec.id, STOP_GRACE_S)
                 worker.process.kill()
                 worker.process.wait()
         ids = [w.spec.id for w in self.workers]

@@ -31,3 +31,17 @@ def build_engine(settings: Any, device: str | None) -> SlowEngine:
     from skyreels_local.engine.loader import load_engine
 
     return SlowEngine(load_engine("tiny-random", device=device), STEP_DELAY_S)
+
+
+class StubEngine:
+    """Loads instantly and never generates: for tests of worker processes themselves."""
+
+    spec = type("Spec", (), {"name": "stub"})()
+    profile = "stub"
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the stub engine does not generate")
+
+
+def build_stub_engine(settings: Any, device: str | None) -> StubEngine:
+    return StubEngine()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
 from ... import MODEL_ID
-from ...errors import InvalidInputError
+from ...errors import InvalidInputError, TaskCode
 from ...jobs import JobStatus
 from ...schemas import (
     Envelope,
@@ -48,7 +48,6 @@ _SUBMIT_BODY = {
     openapi_extra=_SUBMIT_BODY,
 )
 async def submit(
-    request: Request,
     services: ServicesDep,
     base_url: BaseUrlDep,
     body: Annotated[Any, Depends(json_body)],
@@ -64,7 +63,7 @@ async def submit(
     if not job.terminal:
         # [compat] the hosted API's sync-timeout reply: HTTP 200, status processing, code 5004.
         prediction.status = JobStatus.PROCESSING.value
-        prediction.code = 5004
+        prediction.code = TaskCode.TIMEOUT
         prediction.error = f"Sync mode timed out after {wait_s:g} seconds. The prediction is still processing asynchronously."
     return Envelope(data=prediction)
 
