@@ -129,7 +129,9 @@ class WorkerSupervisor:
             "--log-level", self.log_level,
         ]  # fmt: skip
         env = {**os.environ, **worker.spec.env, "PYTHONUNBUFFERED": "1"}
-        worker.process = subprocess.Popen(command, env=env)
+        # Own session: a Ctrl+C in the server's terminal reaches the server only, which then stops
+        # its workers in order (SIGTERM, each hands its job back) instead of racing them.
+        worker.process = subprocess.Popen(command, env=env, start_new_session=True)
         worker.started_at = time.monotonic()
         log.info(
             "worker %s started (pid %d, device %s)", worker.spec.id, worker.process.pid, worker.spec.device
