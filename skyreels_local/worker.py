@@ -52,7 +52,8 @@ def build_engine(settings: Settings, device: str | None) -> Any:
         return factory(settings, device)
     from .engine.loader import load_engine
 
-    return load_engine(settings.model, device=device)
+    # The memory profile is chosen per worker (from its own GPU's free memory when `auto`).
+    return load_engine(settings.model, device=device, profile=settings.profile)
 
 
 class GpuWorker:
