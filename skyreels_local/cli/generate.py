@@ -8,9 +8,17 @@ import sys
 from pathlib import Path
 
 from ..config import Settings
-from ..errors import InvalidInputError, MediaError
 from ..engine.images import decode_image, load_image_file
-from ..engine.request import ASPECT_RATIOS, GUIDANCE_MAX, GUIDANCE_MIN, STEPS_MAX, STEPS_MIN, GenerationRequest
+from ..engine.preset_names import PRESETS
+from ..engine.request import (
+    ASPECT_RATIOS,
+    GUIDANCE_MAX,
+    GUIDANCE_MIN,
+    STEPS_MAX,
+    STEPS_MIN,
+    GenerationRequest,
+)
+from ..errors import InvalidInputError, MediaError
 
 MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024
 
@@ -45,7 +53,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="`tiny-random` (built-in demo model: random output, runs on CPU) or a weights directory "
         "[env SKYREELS_MODEL]",
     )
-    p.add_argument("--device", default=settings.device, help="torch device, e.g. cuda:1 [env SKYREELS_DEVICE]")
+    p.add_argument(
+        "--device", default=settings.device, help="torch device, e.g. cuda:1 [env SKYREELS_DEVICE]"
+    )
+    p.add_argument(
+        "--preset",
+        default=settings.preset,
+        choices=PRESETS,
+        help="speed preset: stock (diffusers as shipped), exact (same output, faster), fp8 (GPU cc>=8.9, "
+        "slightly different output), turbo (step caching: fastest, output changes) [env SKYREELS_PRESET]",
+    )
+    p.add_argument(
+        "--attention",
+        default=settings.attention,
+        help="attention backend for the fast presets: auto (probe the installed kernels) or a diffusers "
+        "backend name such as _native_cudnn, _flash_3, sage [env SKYREELS_ATTENTION]",
+    )
+    p.add_argument(
+        "--turbo-threshold",
+        type=float,
+        default=settings.turbo_threshold,
+        help="turbo's First Block Cache threshold: higher reuses more steps [env SKYREELS_TURBO_THRESHOLD]",
+    )
     p.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
     p.set_defaults(func=run)
 
@@ -95,9 +124,15 @@ def run(args: argparse.Namespace) -> int:
         print("note: tiny-random is a DEMO model with random weights; its videos are noise", file=sys.stderr)
 
     from ..engine.loader import load_engine
+    from ..engine.presets import PresetOptions
     from ..video import write_mp4
 
-    engine = load_engine(args.model, device=args.device)
+    options = PresetOptions(
+        attention=args.attention,
+        cache_threshold=args.turbo_threshold,
+        compile_cache_dir=Settings().data_dir / "compile-cache",
+    )
+    engine = load_engine(args.model, device=args.device, preset=args.preset, preset_options=options)
     bar = None if args.no_progress or not sys.stderr.isatty() and os.environ.get("CI") else _progress_bar()
 
     def on_progress(progress: Progress) -> None:
@@ -115,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"done in {result.timings['total_s']:.1f}s: seed {result.seed}, "
         f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
-        f"model {engine.spec.name}, profile {engine.profile} -> {path}"
+        f"model {engine.spec.name}, profile {engine.profile}, preset {engine.preset} -> {path}"
     )
     return 0
 

@@ -13,8 +13,15 @@ from pathlib import Path
 import torch
 
 from .engine import Engine, ModelSpec
+from .presets import DEFAULT_PRESET, PresetOptions, apply_preset, validate_preset
 from .request import SKYREELS_GEOMETRY
-from .tiny import TINY_GEOMETRY, TINY_MAX_SEQUENCE_LENGTH, TINY_MODEL_NAME, TINY_PROMPT_TEMPLATE, build_tiny_pipeline
+from .tiny import (
+    TINY_GEOMETRY,
+    TINY_MAX_SEQUENCE_LENGTH,
+    TINY_MODEL_NAME,
+    TINY_PROMPT_TEMPLATE,
+    build_tiny_pipeline,
+)
 from .weights import TRANSFORMER_SUBDIR, check_weights_dir
 
 log = logging.getLogger(__name__)
@@ -95,8 +102,16 @@ def place_pipeline(pipe, device: torch.device) -> str:
     return "cpu"
 
 
-def load_engine(model: str, *, device: str | None = None) -> Engine:
-    """`model` is `tiny-random` or a path to a weights directory."""
+def load_engine(
+    model: str,
+    *,
+    device: str | None = None,
+    preset: str = DEFAULT_PRESET,
+    preset_options: PresetOptions | None = None,
+) -> Engine:
+    """`model` is `tiny-random` or a path to a weights directory; `preset` a speed preset
+    (presets.py), applied after the pipeline is placed on its device."""
+    validate_preset(preset)  # before the (minutes-long) load
     force_offline()
     target = pick_device(device)
     if model == TINY_MODEL_NAME:
@@ -112,5 +127,6 @@ def load_engine(model: str, *, device: str | None = None) -> Engine:
         spec = ModelSpec(name=str(Path(model).expanduser()), geometry=SKYREELS_GEOMETRY)
     pipe.set_progress_bar_config(disable=True)
     profile = place_pipeline(pipe, target)
-    log.info("model %s loaded on %s (profile %s)", spec.name, target, profile)
-    return Engine(pipe, spec, profile=profile)
+    applied = apply_preset(pipe, preset, preset_options)
+    log.info("model %s loaded on %s (profile %s, preset %s)", spec.name, target, profile, applied.name)
+    return Engine(pipe, spec, profile=profile, preset=applied)

@@ -22,7 +22,11 @@ class PromptEmbeds:
     mask: torch.Tensor  # [1, L] 1 for real tokens, 0 for padding
 
     def as_positive(self) -> dict[str, torch.Tensor]:
-        return {"prompt_embeds": self.embeds, "pooled_prompt_embeds": self.pooled, "prompt_attention_mask": self.mask}
+        return {
+            "prompt_embeds": self.embeds,
+            "pooled_prompt_embeds": self.pooled,
+            "prompt_attention_mask": self.mask,
+        }
 
     def as_negative(self) -> dict[str, torch.Tensor]:
         return {

@@ -104,7 +104,9 @@ def validate_fields(
         or not 1 <= num_frames <= FRAMES_MAX
         or (num_frames - 1) % 4
     ):
-        raise InvalidInputError("num_frames", num_frames, f"must be 4k+1 (1, 5, 9, ..., 97, ...) up to {FRAMES_MAX}")
+        raise InvalidInputError(
+            "num_frames", num_frames, f"must be 4k+1 (1, 5, 9, ..., 97, ...) up to {FRAMES_MAX}"
+        )
 
 
 def with_fps_prefix(prompt: str) -> str:
