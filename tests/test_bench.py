@@ -120,3 +120,41 @@ def test_bench_entry_point_needs_neither_the_server_nor_its_settings(tmp_path):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+
+
+def test_a_failing_dynamic_compile_falls_back_to_static_shapes(tmp_path, monkeypatch):
+    """The GPU run is one shot: a compile failure must still leave exact measured."""
+    import torch
+
+    real_compile = torch.compile
+
+    def fake_compile(fn, *, dynamic=None, backend=None, **kwargs):
+        if dynamic:
+
+            def broken(*args, **kw):
+                raise RuntimeError("simulated dynamic-shape compile failure")
+
+            broken._torchdynamo_orig_callable = fn
+            return broken
+        return real_compile(fn, dynamic=dynamic, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "b.json"
+    bench.main(
+        [
+            "--model",
+            "tiny-random",
+            "--device",
+            "cpu",
+            "--variants",
+            "stock,exact",
+            "--compile",
+            "on",
+            "--out",
+            str(out),
+        ]
+    )
+    exact = json.loads(out.read_text())["variants"]["exact"]
+    assert "simulated dynamic-shape compile failure" in exact["compile_error"]
+    assert exact["compiled_as"] == "static shapes" and exact["preset"]["compiled"] is True
+    assert exact["step_median_s"] > 0 and exact["rel_err_vs_stock"] < 1e-5

@@ -16,9 +16,9 @@ forwards per step):
            threshold over a full 30-step schedule of the short clip. With random weights the
            reuse fraction says nothing about real videos; the end-to-end estimate is a function
            of it and is labelled so.
+* `decode` the VAE decode of the final latents, tiles sized to free memory (what our presets do).
 * `fp8`    torchao fp8 matmuls for the video-stream linears (+ 8-bit attention if installed).
-* `decode` the VAE decode of the final latents, tiles sized to free memory (what our presets do);
-           `decode_default` the same with diffusers' default 256 px tiles (what stock does).
+* `decode_default` the same decode with diffusers' default 256 px tiles (what stock does).
 
 Per variant: median seconds per step (after one warm-up step that includes compilation),
 effective TFLOP/s (useful FLOPs as PERFORMANCE.md counts them: 2 x 12 D^2 per token per block for
@@ -51,7 +51,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("ref", "stock", "exact", "turbo", "fp8", "decode", "decode_default")
+# Run in this order: cheapest and most needed first (the decode time completes the end-to-end
+# estimates), fp8 (a second compilation) late, the stock decode for comparison last.
+VARIANTS = ("ref", "stock", "exact", "turbo", "decode", "fp8", "decode_default")
 DEFAULT_VARIANTS = VARIANTS
 FULL_MODEL, TINY_MODEL = "random-full", "tiny-random"
 
@@ -279,7 +281,12 @@ def format_table(data: dict[str, Any]) -> str:
     rows = [header]
     stock = data["variants"].get("stock", {}).get("step_median_s")
     for name, rec in data["variants"].items():
-        note = rec.get("skipped") or (rec.get("error", "")[:60] if "error" in rec else rec.get("note", ""))
+        if "running_since_s" in rec:
+            note = "started but did not finish (killed at the time limit?)"
+        else:
+            note = rec.get("skipped") or (
+                rec.get("error", "")[:60] if "error" in rec else rec.get("note", "")
+            )
         rows.append(
             (
                 name,
@@ -343,15 +350,15 @@ class Setup:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, *, started: float | None = None) -> None:
+        # The budget counts from `started` (main's start), so that importing torch counts too.
+        self.started = time.perf_counter() if started is None else started
         import torch
 
         self.args = args
         self.torch = torch
-        self.started = time.perf_counter()
         self.results = Results(args.out)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.estimates: dict[str, float] = {}
 
     # -- helpers --
     def elapsed(self) -> float:
@@ -415,6 +422,12 @@ class Bench:
                 print(f"[bench] {name}: skipped ({self.results.variants[name]['skipped']})", flush=True)
                 continue
             print(f"[bench] {name}: running (~{estimate:.0f}s estimated, {remaining:.0f}s left)", flush=True)
+            # Marked before it starts: a run killed at its time limit shows what it was doing.
+            self.results.variants[name] = {
+                "running_since_s": round(self.elapsed(), 1),
+                "estimate_s": round(estimate),
+            }
+            self.results.save()
             started = time.perf_counter()
             self.reset_peak()
             try:
@@ -675,6 +688,29 @@ class Bench:
         self.timed_steps(record, marks, begin[0])
         return latents
 
+    def loop_with_compile_fallback(self, record: dict[str, Any], applied: Any) -> Any:
+        """The timed loop; should compilation fail, record why and measure with static shapes,
+        then uncompiled, rather than lose the variant (and the ones stacked on it)."""
+        steps = 1 + self.args.timed_steps
+        try:
+            return self.run_loop(record, steps=steps)
+        except Exception as exc:
+            if not applied.compiled:
+                raise
+            record["compile_error"] = (
+                f"dynamic={self.args.compile_dynamic}: {type(exc).__name__}: {str(exc)[:400]}"
+            )
+        if self.args.compile_dynamic == "on":
+            try:
+                recompile(self.setup.pipe.transformer, dynamic=False)
+                record["compiled_as"] = "static shapes"
+                return self.run_loop(record, steps=steps)
+            except Exception as exc:
+                record["static_compile_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+        recompile(self.setup.pipe.transformer, dynamic=None, compile=False)
+        record["compiled_as"] = "not compiled (eager)"
+        return self.run_loop(record, steps=steps)
+
     def compare(self, record: dict[str, Any], latents: Any) -> None:
         s = self.setup
         record["finite"] = bool(self.torch.isfinite(latents).all())
@@ -784,7 +820,7 @@ class Bench:
         }
         if applied.attention is not None:
             record["attention_probe_ms"] = applied.attention.probe
-        latents = self.run_loop(record, steps=1 + self.args.timed_steps)
+        latents = self.loop_with_compile_fallback(record, applied)
         record["note"] = "first step includes compilation" if applied.compiled else ""
         self.compare(record, latents)
         s.exact_latents = latents
@@ -819,8 +855,9 @@ class Bench:
                     f"unexpected cache decisions: computed {dict(monitor.computed)}, reused {dict(monitor.reused)}"
                 )
             record["computed_step_s"] = record.pop("first_step_s")
-            record["reused_step_s"] = record["step_median_s"]
-            for key in ("step_s", "step_median_s", "tflops", "pct_bf16_floor", "bf16_floor_s", "step_tflop"):
+            record["reused_steps_s"] = record.pop("step_s")
+            record["reused_step_s"] = record.pop("step_median_s")
+            for key in ("tflops", "pct_bf16_floor", "bf16_floor_s", "step_tflop"):
                 record.pop(key, None)
             # The configured threshold over a whole schedule, on the short clip (cheap).
             monitor.threshold = options.cache_threshold
@@ -860,17 +897,7 @@ class Bench:
             return record
         if applied.attention is not None:
             record["attention_probe_ms"] = applied.attention.probe
-        try:
-            latents = self.run_loop(record, steps=1 + self.args.timed_steps)
-        except Exception as exc:
-            if not (applied.compiled and self.args.compile_dynamic == "on"):
-                raise
-            # fp8 tensors under dynamic-shape compilation are the least tried combination here:
-            # say what failed, and measure with one graph per shape instead.
-            record["dynamic_compile_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
-            recompile_static(s.pipe.transformer)
-            record["compile_dynamic"] = False
-            latents = self.run_loop(record, steps=1 + self.args.timed_steps)
+        latents = self.loop_with_compile_fallback(record, applied)
         record["note"] = "first step includes quantized recompilation"
         self.compare(record, latents)
         if s.ref_short_pred is not None:
@@ -949,8 +976,8 @@ def shrink_vae(vae: Any) -> None:
                 module.weight.normal_(0, 0.02)
 
 
-def recompile_static(transformer: Any) -> None:
-    """Drop the compiled block forwards and compile them again with static shapes."""
+def recompile(transformer: Any, *, dynamic: bool | None, compile: bool = True) -> None:
+    """Drop the compiled block forwards; compile them again with `dynamic` unless `compile` is False."""
     import torch
 
     from .presets import compile_regions, is_compiled
@@ -959,7 +986,8 @@ def recompile_static(transformer: Any) -> None:
     for module in transformer.modules():
         if is_compiled(vars(module).get("forward")):
             del module.forward  # back to the class's own forward
-    compile_regions(transformer, dynamic=False)
+    if compile:
+        compile_regions(transformer, dynamic=dynamic)
 
 
 def build_tiny_random_pipeline(device: Any) -> Any:
@@ -1024,8 +1052,8 @@ MODELS: dict[str, ModelRecipe] = {
 }
 
 
-def run(args: argparse.Namespace) -> int:
-    bench = Bench(args)
+def run(args: argparse.Namespace, *, started: float | None = None) -> int:
+    bench = Bench(args, started=started)
     results = bench.run()
     print(format_table(results.data))
     print(f"[bench] results: {results.path} and {results.path.with_suffix('.txt')}")
@@ -1033,12 +1061,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(
         prog="python -m skyreels_local.engine.bench",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_args(argv), started=started)
 
 
 if __name__ == "__main__":
