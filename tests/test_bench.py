@@ -10,7 +10,8 @@ import pytest
 
 from skyreels_local.cli import build_parser
 from skyreels_local.engine import bench
-from skyreels_local.engine.bench import FULL_TRANSFORMER, bf16_floor_s, breakeven_reuse, transformer_flops
+from skyreels_local.engine.bench import FULL_TRANSFORMER
+from skyreels_local.engine.bench_report import bf16_floor_s, breakeven_reuse, transformer_flops
 
 
 def test_flop_accounting_matches_performance_md():
@@ -58,6 +59,7 @@ def test_tiny_bench_runs_every_variant_and_writes_json_and_table(tiny_run):
     assert data["summary"]["exact_error_ratio"]["value"] <= 1.1
     # Turbo: a computed and a reused step cost, and the (labelled) random-weights reuse.
     assert v["turbo"]["computed_step_s"] > 0 and v["turbo"]["reused_step_s"] > 0
+    assert v["turbo"]["base"] == "exact"  # fp8 did not run on the CPU
     assert 0 <= v["turbo"]["random_weights_reuse_fraction"] <= 1
     assert "says nothing about real videos" in v["turbo"]["note"]
     assert "CUDA" in v["fp8"]["skipped"]
@@ -92,12 +94,12 @@ def test_budget_skips_what_does_not_fit(tmp_path):
 
 def test_a_failing_variant_is_recorded_and_the_run_goes_on(tmp_path):
     out = tmp_path / "b.json"
-    # Turbo needs the exact variant before it: alone, it fails, and decode still runs.
+    # Turbo needs a fast base (exact or fp8) before it: alone, it fails, and decode still runs.
     bench.main(
         ["--model", "tiny-random", "--device", "cpu", "--variants", "stock,turbo,decode", "--out", str(out)]
     )
     v = json.loads(out.read_text())["variants"]
-    assert "run the exact variant first" in v["turbo"]["error"] and "traceback" in v["turbo"]
+    assert "run the exact (or fp8) variant first" in v["turbo"]["error"] and "traceback" in v["turbo"]
     assert v["stock"]["step_median_s"] > 0 and v["decode"]["seconds"] > 0
 
 
@@ -158,3 +160,14 @@ def test_a_failing_dynamic_compile_falls_back_to_static_shapes(tmp_path, monkeyp
     assert "simulated dynamic-shape compile failure" in exact["compile_error"]
     assert exact["compiled_as"] == "static shapes" and exact["preset"]["compiled"] is True
     assert exact["step_median_s"] > 0 and exact["rel_err_vs_stock"] < 1e-5
+
+
+def test_a_tight_budget_times_fewer_steps_before_skipping(tmp_path, monkeypatch):
+    # Every variant "costs" 10 s per timed step: two variants at 2 steps need 40 s, at 1 step 20 s.
+    monkeypatch.setattr(bench.Bench, "estimate", lambda self, name: 10.0 * self.timed)
+    out = tmp_path / "b.json"
+    argv = ["--model", "tiny-random", "--device", "cpu", "--variants", "stock,exact", "--timed-steps", "2"]
+    bench.main([*argv, "--budget-s", "35", "--out", str(out)])
+    v = json.loads(out.read_text())["variants"]
+    assert v["stock"]["timed_steps"] == 1 and len(v["stock"]["step_s"]) == 1
+    assert v["exact"]["timed_steps"] == 2  # alone, it fits with both timed steps

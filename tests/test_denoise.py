@@ -264,3 +264,14 @@ def test_prepare_prompts_fills_the_cache_for_the_next_generate(engines):
     exact.generate(request)
     assert exact.prompts.misses == misses + 2
     assert exact.prompts.hits == hits + 2
+
+
+def test_warm_up_runs_a_short_generation_through_the_preset_path(engines):
+    _stock, exact = engines
+    forwards: list[int] = []
+    handle = exact.pipe.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        seconds = exact.warm_up()
+    finally:
+        handle.remove()
+    assert seconds > 0 and len(forwards) == 2 * 2  # two steps, both CFG branches

@@ -110,6 +110,28 @@ class Engine:
         """The speed preset in effect (`stock`, `exact`, `fp8` or `turbo`), as recorded per prediction."""
         return self.preset_info.name
 
+    def warm_up(self, *, num_frames: int = 9) -> float:
+        """Run one short generation so that compilation and kernel selection happen now, not in
+        the first user's request; returns its seconds. The compiled graphs are shape-generic
+        (presets compile with dynamic shapes), so a 9-frame clip at the model's size warms up
+        every later size and prompt; with the persistent compile cache, later processes reload
+        instead of compiling. A worker calls this once before taking jobs."""
+        from PIL import Image
+
+        width, height = self.spec.geometry.sizes["16:9"]
+        request = GenerationRequest(
+            prompt="warm-up",
+            image=Image.new("RGB", (width, height), (128, 128, 128)),
+            seed=0,
+            num_inference_steps=2,  # the second step runs in the dtype every later step uses
+            width=width,
+            height=height,
+            num_frames=min(num_frames, self.spec.geometry.num_frames),
+        )
+        started = time.perf_counter()
+        self.generate(request)
+        return time.perf_counter() - started
+
     def prepare_prompts(self, request: GenerationRequest) -> None:
         """Encode `request`'s prompt and negative prompt into the prompt cache ahead of its turn.
 
