@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     device: str | None = Field(default=None, description="torch device; default cuda when present, else cpu")
     profile: str = Field(default="auto", description="memory profile (configs/); `auto` picks from free VRAM")
     preset: str = Field(default="exact", description="speed preset: exact | fp8 | turbo | stock")
+    attention: str = Field(
+        default="auto", description="attention backend for the fast presets, or auto (probe)"
+    )
+    turbo_threshold: float = Field(
+        default=0.15, ge=0, description="turbo preset's First Block Cache threshold"
+    )
 
     # --- server ------------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..config import Settings
 from ..engine.images import decode_image, load_image_file
+from ..engine.preset_names import PRESETS
 from ..engine.request import (
     ASPECT_RATIOS,
     GUIDANCE_MAX,
@@ -61,6 +62,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="GPU memory profile: auto (from free VRAM), a name from configs/profiles (80gb, 48gb, 24gb, "
         "sequential, cpu) or a profile file [env SKYREELS_PROFILE]",
     )
+    p.add_argument(
+        "--preset",
+        default=settings.preset,
+        choices=PRESETS,
+        help="speed preset: stock (diffusers as shipped), exact (same output, faster), fp8 (GPU cc>=8.9, "
+        "slightly different output), turbo (step caching: fastest, output changes) [env SKYREELS_PRESET]",
+    )
+    p.add_argument(
+        "--attention",
+        default=settings.attention,
+        help="attention backend for the fast presets: auto (probe the installed kernels) or a diffusers "
+        "backend name such as _native_cudnn, _flash_3, sage [env SKYREELS_ATTENTION]",
+    )
+    p.add_argument(
+        "--turbo-threshold",
+        type=float,
+        default=settings.turbo_threshold,
+        help="turbo's First Block Cache threshold: higher reuses more steps [env SKYREELS_TURBO_THRESHOLD]",
+    )
     p.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
     p.set_defaults(func=run)
 
@@ -110,9 +130,17 @@ def run(args: argparse.Namespace) -> int:
         print("note: tiny-random is a DEMO model with random weights; its videos are noise", file=sys.stderr)
 
     from ..engine.loader import load_engine
+    from ..engine.presets import PresetOptions
     from ..video import write_mp4
 
-    engine = load_engine(args.model, device=args.device, profile=args.profile)
+    options = PresetOptions(
+        attention=args.attention,
+        cache_threshold=args.turbo_threshold,
+        compile_cache_dir=Settings().data_dir / "compile-cache",
+    )
+    engine = load_engine(
+        args.model, device=args.device, profile=args.profile, preset=args.preset, preset_options=options
+    )
     bar = None if args.no_progress or not sys.stderr.isatty() and os.environ.get("CI") else _progress_bar()
 
     def on_progress(progress: Progress) -> None:
@@ -130,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"done in {result.timings['total_s']:.1f}s: seed {result.seed}, "
         f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
-        f"model {engine.spec.name}, profile {engine.profile} -> {path}"
+        f"model {engine.spec.name}, profile {engine.profile}, preset {engine.preset} -> {path}"
     )
     return 0
 

@@ -1,9 +1,11 @@
 """The generation engine: one call from a request to decoded video frames.
 
 `Engine.generate` applies the SkyReels conventions (size per aspect ratio, the "FPS-24, " prefix,
-centre crop, default negative prompt, true CFG), runs diffusers' pipeline, reports progress after
-every step and stops at the next step boundary when asked to cancel. Cancelling raises from the
-step callback, because the pipeline's own `_interrupt` flag still runs the VAE decode.
+centre crop, default negative prompt, true CFG), runs the denoising steps the way the engine's
+speed preset says (presets.py: the `stock` preset is diffusers' pipeline call, the others our own
+loop in denoise.py), reports progress after every step and stops at the next step boundary when
+asked to cancel. Cancelling raises from the step callback, because the pipeline's own
+`_interrupt` flag still runs the VAE decode.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import numpy as np
 import torch
 
 from ..errors import GenerationCancelled
+from .denoise import DenoiseJob, generate_video
 from .images import centre_crop_resize
+from .presets import AppliedPreset
 from .prompts import PromptEncoder, TextEncoderResidency
 from .request import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -90,10 +94,13 @@ class Engine:
         *,
         profile: str = "default",
         text_encoders: TextEncoderResidency | None = None,
+        preset: AppliedPreset | None = None,
     ) -> None:
         self.pipe = pipe
         self.spec = spec
         self.profile = profile  # the memory profile's name (profiles.py), shown in /ready and logs
+        # The speed preset applied to the pipeline at load; none given: the plain pipeline call.
+        self.preset_info = preset or AppliedPreset(name="stock", requested="stock")
         self.prompts = PromptEncoder(
             pipe,
             prompt_template=spec.prompt_template,
@@ -106,6 +113,59 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.pipe._execution_device
+
+    @property
+    def preset(self) -> str:
+        """The speed preset in effect (`stock`, `exact`, `fp8` or `turbo`), as recorded per prediction."""
+        return self.preset_info.name
+
+    def warm_up(self, *, num_frames: int = 9) -> float:
+        """Run one short generation so that compilation and kernel selection happen now, not in
+        the first user's request; returns its seconds. The compiled graphs are shape-generic
+        (presets compile with dynamic shapes), so a 9-frame clip at the model's size warms up
+        every later size and prompt; with the persistent compile cache, later processes reload
+        instead of compiling. A worker calls this once before taking jobs."""
+        from PIL import Image
+
+        width, height = self.spec.geometry.sizes["16:9"]
+        request = GenerationRequest(
+            prompt="warm-up",
+            image=Image.new("RGB", (width, height), (128, 128, 128)),
+            seed=0,
+            num_inference_steps=2,  # the second step runs in the dtype every later step uses
+            width=width,
+            height=height,
+            num_frames=min(num_frames, self.spec.geometry.num_frames),
+        )
+        started = time.perf_counter()
+        self.generate(request)
+        return time.perf_counter() - started
+
+    def prepare_prompts(self, request: GenerationRequest) -> None:
+        """Encode `request`'s prompt and negative prompt into the prompt cache ahead of its turn.
+
+        Meant for a worker that has the next job while the current one denoises: call this from
+        a second thread, and that job's `generate` then finds its embeddings cached. It takes no
+        engine lock (the prompt cache has its own); on one GPU the text encoder's kernels queue
+        between the denoiser's (tens of milliseconds), while tokenising and, when a memory
+        profile keeps the text encoders on the CPU, the whole encode overlap with the denoise.
+        Do not call it concurrently under a profile that offloads models on demand (accelerate
+        CPU offload moves modules on each call).
+        """
+        request.validate()
+        prompt, negative = self._prompt_texts(request)
+        self.prompts.encode(prompt)
+        if negative is not None:
+            self.prompts.encode(negative)
+
+    @staticmethod
+    def _prompt_texts(request: GenerationRequest) -> tuple[str, str | None]:
+        prompt = with_fps_prefix(request.prompt)
+        # True CFG only runs when the pipeline gets negative embeddings: give it the SkyReels
+        # default whenever the caller gave none, so guidance_scale is never silently ignored.
+        do_cfg = request.guidance_scale > 1.0
+        negative = ((request.negative_prompt or "").strip() or DEFAULT_NEGATIVE_PROMPT) if do_cfg else None
+        return prompt, negative
 
     def generate(
         self,
@@ -133,52 +193,76 @@ class Engine:
         check_cancel()
         width, height, num_frames = self.spec.geometry.resolve(request)
         seed = request.seed if request.seed >= 0 else draw_seed()
-        prompt = with_fps_prefix(request.prompt)
-        # True CFG only runs when the pipeline gets negative embeddings: give it the SkyReels
-        # default whenever the caller gave none, so guidance_scale is never silently ignored.
-        do_cfg = request.guidance_scale > 1.0
-        negative = ((request.negative_prompt or "").strip() or DEFAULT_NEGATIVE_PROMPT) if do_cfg else None
+        prompt, negative = self._prompt_texts(request)
 
         image = centre_crop_resize(request.image, width, height)
 
         text_started = time.perf_counter()
-        embed_kwargs = self.prompts.encode(prompt).as_positive()
-        if negative is not None:
-            embed_kwargs |= self.prompts.encode(negative).as_negative()
+        positive_embeds = self.prompts.encode(prompt)
+        negative_embeds = self.prompts.encode(negative) if negative is not None else None
         check_cancel()
 
         denoise_started = time.perf_counter()
         total_steps = request.num_inference_steps
         marks = {"last_step": denoise_started}
 
-        def on_step_end(_pipe: Any, index: int, _timestep: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
+        def on_step(step: int, total: int) -> None:
             now = time.perf_counter()
             marks["last_step"] = now
-            step = index + 1
             elapsed = now - denoise_started
             if on_progress is not None:
-                on_progress(Progress(step, total_steps, elapsed, elapsed / step * (total_steps - step)))
-            # Raising here (not setting pipe._interrupt) is what skips the VAE decode.
+                on_progress(Progress(step, total, elapsed, elapsed / step * (total - step)))
+            # Raising here is what skips the VAE decode (and, in our loop, every later step).
             check_cancel()
-            return {}
 
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        with torch.inference_mode():
-            output = self.pipe(
+        extra_timings: dict[str, float] = {}
+        if self.preset_info.uses_pipeline_call:
+            embed_kwargs = positive_embeds.as_positive()
+            if negative_embeds is not None:
+                embed_kwargs |= negative_embeds.as_negative()
+
+            def on_step_end(
+                _pipe: Any, index: int, _timestep: Any, _tensors: dict[str, Any]
+            ) -> dict[str, Any]:
+                on_step(index + 1, total_steps)
+                return {}
+
+            with torch.inference_mode():
+                output = self.pipe(
+                    image=image,
+                    height=height,
+                    width=width,
+                    num_frames=num_frames,
+                    num_inference_steps=total_steps,
+                    true_cfg_scale=request.guidance_scale,
+                    guidance_scale=1.0,  # embedded guidance, as upstream SkyReels
+                    generator=generator,
+                    output_type="np",
+                    callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=[],
+                    **embed_kwargs,
+                )
+            video = output.frames
+        else:
+            monitor = self.preset_info.step_cache
+            if monitor is not None:
+                monitor.reset()
+            job = DenoiseJob(
                 image=image,
                 height=height,
                 width=width,
                 num_frames=num_frames,
                 num_inference_steps=total_steps,
                 true_cfg_scale=request.guidance_scale,
-                guidance_scale=1.0,  # embedded guidance, as upstream SkyReels
+                positive=positive_embeds,
+                negative=negative_embeds,
                 generator=generator,
-                output_type="np",
-                callback_on_step_end=on_step_end,
-                callback_on_step_end_tensor_inputs=[],
-                **embed_kwargs,
             )
-        frames = to_uint8_frames(output.frames[0])
+            video, _plan = generate_video(self.pipe, job, on_step=on_step, on_forward=monitor)
+            if monitor is not None and monitor.forwards:
+                extra_timings["step_cache_reuse_fraction"] = monitor.reuse_fraction
+        frames = to_uint8_frames(video[0])
         finished = time.perf_counter()
         timings = {
             "prepare_s": text_started - started,
@@ -186,10 +270,11 @@ class Engine:
             "denoise_s": marks["last_step"] - denoise_started,
             "decode_s": finished - marks["last_step"],
             "total_s": finished - started,
+            **extra_timings,
         }
         log.info(
-            "generated %dx%dx%d in %.1fs (seed %d, %d steps, cfg %.1f)",
-            width, height, num_frames, timings["total_s"], seed, total_steps, request.guidance_scale,
+            "generated %dx%dx%d in %.1fs (seed %d, %d steps, cfg %.1f, preset %s)",
+            width, height, num_frames, timings["total_s"], seed, total_steps, request.guidance_scale, self.preset,
         )  # fmt: skip
         return GenerationResult(
             frames=frames,

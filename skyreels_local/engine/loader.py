@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .engine import Engine, ModelSpec
+from .presets import DEFAULT_PRESET, PresetOptions, apply_preset, validate_preset
 from .profiles import AUTO, Profile, apply_profile, resolve_profile
 from .request import SKYREELS_GEOMETRY
 from .tiny import (
@@ -117,9 +118,18 @@ def load_pipeline_from_dir(weights_dir: str | Path, device: torch.device, profil
     return HunyuanSkyreelsImageToVideoPipeline(**components)
 
 
-def load_engine(model: str, *, device: str | None = None, profile: str = AUTO) -> Engine:
-    """`model` is `tiny-random` or a path to a weights directory; `profile` is `auto`, a profile
-    name from configs/profiles or a profile file (see profiles.py)."""
+def load_engine(
+    model: str,
+    *,
+    device: str | None = None,
+    profile: str = AUTO,
+    preset: str = DEFAULT_PRESET,
+    preset_options: PresetOptions | None = None,
+) -> Engine:
+    """`model` is `tiny-random` or a path to a weights directory; `profile` is `auto`, a memory
+    profile name from configs/profiles or a profile file (profiles.py); `preset` a speed preset
+    (presets.py), applied after the profile has placed the pipeline on its device."""
+    validate_preset(preset)  # before the (minutes-long) load
     force_offline()
     started = time.perf_counter()
     target = pick_device(device)
@@ -139,9 +149,10 @@ def load_engine(model: str, *, device: str | None = None, profile: str = AUTO) -
         spec = ModelSpec(name=str(path), geometry=SKYREELS_GEOMETRY)
         reload_text_encoders = functools.partial(load_text_encoders, path, target)
     pipe.set_progress_bar_config(disable=True)
-    applied = apply_profile(pipe, chosen, target, reload_text_encoders=reload_text_encoders)
+    placed = apply_profile(pipe, chosen, target, reload_text_encoders=reload_text_encoders)
+    applied = apply_preset(pipe, preset, preset_options)
     log.info(
-        "model %s loaded on %s in %.1fs with memory profile %s",
-        spec.name, target, time.perf_counter() - started, chosen.summary(),
+        "model %s loaded on %s in %.1fs with memory profile %s, speed preset %s",
+        spec.name, target, time.perf_counter() - started, chosen.summary(), applied.name,
     )  # fmt: skip
-    return Engine(pipe, spec, profile=chosen.name, text_encoders=applied.text_encoders)
+    return Engine(pipe, spec, profile=chosen.name, text_encoders=placed.text_encoders, preset=applied)

@@ -1,0 +1,276 @@
+"""Attention for the fast presets: mask-free processors and the choice of kernel.
+
+Two independent pieces:
+
+* `MaskFreeHunyuanVideoAttnProcessor` drops the attention mask that diffusers' HunyuanVideo
+  transformer always builds. That is exact only when every text token is real, which our
+  denoising loop guarantees by cutting the prompt padding first (batch 1; see denoise.py). A
+  mask forces PyTorch's SDPA off the flash/cuDNN kernels (measured on an H200: 13.34 -> 10.46
+  s/step), and FlashAttention-3 / SageAttention refuse masks outright.
+* `choose_backend` picks a kernel of diffusers' attention dispatcher (`set_attention_backend`).
+  Exact presets take only kernels that compute exact softmax attention; approximate ones
+  (SageAttention quantises Q and K to 8 bits) only where the preset may change the output. With
+  more than one candidate on a GPU, a short probe times each on one attention of this model's
+  head shape and keeps the fastest whose output agrees with the preferred one; a kernel that is
+  installed but broken simply drops out.
+
+Detection reads diffusers' own availability flags, so "installed" means "diffusers can call it".
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+from ..errors import InvalidInputError
+
+log = logging.getLogger(__name__)
+
+# Preference order when nothing is measured: FlashAttention-3 is the fastest published bf16 kernel
+# at head dim 128 on Hopper (648 TFLOP/s vs cuDNN's 595, PERFORMANCE.md); cuDNN SDPA is what a
+# stock torch build has; "native" is PyTorch's SDPA with its own kernel choice (always works).
+EXACT_BACKENDS = ("_flash_3", "flash", "_native_cudnn", "xformers", "native")
+# 8-bit attention (changes the output): only for presets that may change it.
+APPROXIMATE_BACKENDS = ("sage",)
+AUTO = "auto"
+
+# The probe's attention: SkyReels' 24 heads of 128, long enough to be bandwidth- and
+# compute-bound like the real 51k-token one, short enough to take milliseconds.
+PROBE_HEADS, PROBE_HEAD_DIM, PROBE_SEQ_LEN = 24, 128, 16_384
+# Output agreement with the preferred candidate that a probed kernel must meet (relative L2).
+# Exact kernels differ by ~1e-3 in bf16; SageAttention's 8-bit Q.K by a few 1e-2.
+EXACT_AGREEMENT, APPROXIMATE_AGREEMENT = 2e-2, 1e-1
+
+
+class MaskFreeHunyuanVideoAttnProcessor(HunyuanVideoAttnProcessor2_0):
+    """diffusers' HunyuanVideo attention with the (all-true) mask dropped.
+
+    Only correct when the text sequence holds no padding: install it only on a transformer that
+    is called through our denoising loop, which trims the padding (denoise.trim_padding).
+    """
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, None, image_rotary_emb)
+
+
+def install_mask_free_attention(transformer: torch.nn.Module) -> int:
+    """Swap the blocks' HunyuanVideo processors for mask-free ones (idempotent).
+
+    The token refiner keeps its own processor and mask: it attends over the text only and uses
+    plain SDPA, not the dispatcher. Returns how many processors are mask-free afterwards.
+    """
+    count = 0
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if type(processor) is HunyuanVideoAttnProcessor2_0:
+            replacement = MaskFreeHunyuanVideoAttnProcessor()
+            # Keep a backend that was already chosen for this processor.
+            if "_attention_backend" in vars(processor):
+                replacement._attention_backend = processor._attention_backend
+            module.set_processor(replacement)
+        if isinstance(getattr(module, "processor", None), MaskFreeHunyuanVideoAttnProcessor):
+            count += 1
+    return count
+
+
+def has_mask_free_attention(transformer: torch.nn.Module) -> bool:
+    return any(
+        isinstance(getattr(m, "processor", None), MaskFreeHunyuanVideoAttnProcessor)
+        for m in transformer.modules()
+    )
+
+
+@dataclass(frozen=True)
+class AttentionEnvironment:
+    """What the dispatcher could run here: the device and which optional kernels import."""
+
+    device_type: str
+    capability: tuple[int, int] | None = None  # CUDA compute capability
+    cudnn: bool = False
+    flash_attn_3: bool = False
+    flash_attn: bool = False
+    sageattention: bool = False
+    xformers: bool = False
+
+
+def detect_environment(device: torch.device | str) -> AttentionEnvironment:
+    """Read the device and diffusers' own availability flags for the optional kernels."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return AttentionEnvironment(device_type=device.type)
+    from diffusers.models import attention_dispatch as dispatch
+
+    return AttentionEnvironment(
+        device_type="cuda",
+        capability=tuple(torch.cuda.get_device_capability(device)),
+        cudnn=bool(torch.backends.cudnn.is_available()),
+        flash_attn_3=bool(dispatch._CAN_USE_FLASH_ATTN_3),
+        flash_attn=bool(dispatch._CAN_USE_FLASH_ATTN),
+        sageattention=bool(dispatch._CAN_USE_SAGE_ATTN),
+        xformers=bool(dispatch._CAN_USE_XFORMERS_ATTN),
+    )
+
+
+def candidate_backends(env: AttentionEnvironment, *, allow_approximate: bool) -> list[str]:
+    """Dispatcher backends usable in `env`, best first by published speed."""
+    if env.device_type != "cuda":
+        return ["native"]
+    capability = env.capability or (0, 0)
+    ampere_or_newer = capability >= (8, 0)
+    candidates = []
+    if allow_approximate and env.sageattention and ampere_or_newer:
+        candidates.append("sage")
+    if env.flash_attn_3 and capability[0] == 9:  # FlashAttention-3 is built for Hopper
+        candidates.append("_flash_3")
+    if env.flash_attn and ampere_or_newer:
+        candidates.append("flash")
+    if env.cudnn and ampere_or_newer:
+        candidates.append("_native_cudnn")
+    if env.xformers:
+        candidates.append("xformers")
+    candidates.append("native")
+    return candidates
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    backend: str
+    candidates: tuple[str, ...]
+    how: str  # "requested", "only candidate", "preference order" or "probe"
+    probe: dict[str, float | str] = field(default_factory=dict)  # ms per candidate, or its error
+
+    @property
+    def exact(self) -> bool:
+        return self.backend not in APPROXIMATE_BACKENDS
+
+
+ProbeFn = Callable[[Sequence[str]], dict[str, float | str]]
+
+
+def choose_backend(
+    env: AttentionEnvironment,
+    *,
+    allow_approximate: bool,
+    requested: str = AUTO,
+    probe: ProbeFn | None = None,
+) -> AttentionChoice:
+    """The backend to use: `requested` when it is usable here, else the fastest candidate.
+
+    `probe(candidates)` returns milliseconds per candidate (or an error string for one that
+    failed or disagreed); without a probe the preference order decides.
+    """
+    candidates = candidate_backends(env, allow_approximate=allow_approximate)
+    if requested != AUTO:
+        if requested in APPROXIMATE_BACKENDS and not allow_approximate:
+            raise InvalidInputError(
+                "attention",
+                requested,
+                "changes the output (8-bit attention): use it with the fp8 or turbo preset, or an exact backend",
+            )
+        if requested not in candidates:
+            raise InvalidInputError(
+                "attention",
+                requested,
+                f"must be usable on this {env.device_type} device: {', '.join(candidates)}",
+            )
+        return AttentionChoice(requested, tuple(candidates), "requested")
+    if len(candidates) == 1:
+        return AttentionChoice(candidates[0], tuple(candidates), "only candidate")
+    if probe is None:
+        return AttentionChoice(candidates[0], tuple(candidates), "preference order")
+    timings = probe(candidates)
+    usable = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
+    if not usable:
+        # Every probe failed: fall back to PyTorch's own SDPA, which is always present.
+        return AttentionChoice("native", tuple(candidates), "probe failed", timings)
+    best = min(usable, key=lambda name: (usable[name], candidates.index(name)))
+    return AttentionChoice(best, tuple(candidates), "probe", timings)
+
+
+def probe_backends(
+    candidates: Sequence[str],
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    seq_len: int = PROBE_SEQ_LEN,
+    heads: int = PROBE_HEADS,
+    head_dim: int = PROBE_HEAD_DIM,
+    repeats: int = 3,
+) -> dict[str, float | str]:
+    """Time one mask-free attention per candidate through diffusers' dispatcher (median ms).
+
+    A candidate that raises, or whose output differs from the first working candidate's by more
+    than its agreement tolerance, is reported with the reason instead of a time.
+    """
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    device = torch.device(device)
+    generator = torch.Generator(device).manual_seed(0)
+    q, k, v = (
+        torch.randn(1, seq_len, heads, head_dim, device=device, dtype=dtype, generator=generator)
+        for _ in range(3)
+    )
+    results: dict[str, float | str] = {}
+    reference: torch.Tensor | None = None
+    # Exact kernels first, so that the agreement reference is an exact one.
+    ordered = [c for c in candidates if c not in APPROXIMATE_BACKENDS]
+    ordered += [c for c in candidates if c in APPROXIMATE_BACKENDS]
+    for name in ordered:
+        try:
+            backend = AttentionBackendName(name)
+
+            def run(backend=backend) -> torch.Tensor:
+                return dispatch_attention_fn(q, k, v, attn_mask=None, backend=backend)
+
+            out = run()
+            _sync(device)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                run()
+                _sync(device)
+                times.append((time.perf_counter() - started) * 1000.0)
+        except Exception as exc:  # a kernel that is importable but unusable here drops out
+            results[name] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
+            continue
+        if reference is None:
+            reference = out.float()
+        else:
+            error = float((out.float() - reference).norm() / reference.norm())
+            limit = APPROXIMATE_AGREEMENT if name in APPROXIMATE_BACKENDS else EXACT_AGREEMENT
+            if not error <= limit:  # also catches NaN
+                results[name] = f"disagrees: relative error {error:.3g} > {limit:g}"
+                continue
+        results[name] = round(statistics.median(times), 3)
+    return results
+
+
+def apply_backend(transformer: torch.nn.Module, backend: str) -> None:
+    """Route the transformer's dispatcher-based processors to `backend`."""
+    if backend == "native":
+        # diffusers' default (no backend on the processor) already is native SDPA; setting it
+        # explicitly only adds a warning. Undo an earlier choice, if any.
+        for module in transformer.modules():
+            processor = getattr(module, "processor", None)
+            if processor is not None and "_attention_backend" in vars(processor):
+                processor._attention_backend = None
+        return
+    transformer.set_attention_backend(backend)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
