@@ -437,17 +437,24 @@ class JobStore:
     # --- predictions: worker side ------------------------------------------------------------
 
     def claim_next(
-        self, worker_id: str, claim: str, *, profile: str = "", now: float | None = None
+        self,
+        worker_id: str,
+        claim: str,
+        *,
+        profile: str = "",
+        preset: str | None = None,
+        now: float | None = None,
     ) -> Job | None:
-        """Move the oldest waiting job to `processing` for this worker, atomically."""
+        """Move the oldest waiting job to `processing` for this worker, atomically. `preset` is the
+        speed preset the worker's engine really runs (a requested `fp8` may have fallen back)."""
         now = time.time() if now is None else now
         with self._write() as conn:
             row = conn.execute(
                 """UPDATE predictions SET status = 'processing', worker_id = ?, claim = ?, started_at = ?,
-                   attempts = attempts + 1, profile = ?, progress = 0
+                   attempts = attempts + 1, profile = ?, preset = COALESCE(?, preset), progress = 0
                    WHERE seq = (SELECT seq FROM predictions WHERE status = 'created' ORDER BY seq LIMIT 1)
                    RETURNING *""",
-                (worker_id, claim, now, profile),
+                (worker_id, claim, now, profile, preset),
             ).fetchone()
             if row is not None:
                 conn.execute(

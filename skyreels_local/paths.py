@@ -18,6 +18,11 @@ class DataPaths:
         return self.root / "jobs.sqlite3"
 
     @property
+    def compile_cache(self) -> Path:
+        """torch.compile's on-disk cache (inductor), so compiling is paid once per machine."""
+        return self.root / "compile-cache"
+
+    @property
     def outputs(self) -> Path:
         return self.root / "outputs"
 

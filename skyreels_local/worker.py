@@ -51,9 +51,26 @@ def build_engine(settings: Settings, device: str | None) -> Any:
         factory = getattr(importlib.import_module(module_name), attr or "build_engine")
         return factory(settings, device)
     from .engine.loader import load_engine
+    from .engine.presets import PresetOptions
 
+    options = PresetOptions(
+        attention=settings.attention,
+        cache_threshold=settings.turbo_threshold,
+        # Compiled kernels persist across restarts: the compile cost is paid once per machine.
+        compile_cache_dir=DataPaths(settings.data_dir).compile_cache,
+    )
     # The memory profile is chosen per worker (from its own GPU's free memory when `auto`).
-    return load_engine(settings.model, device=device, profile=settings.profile)
+    engine = load_engine(
+        settings.model,
+        device=device,
+        profile=settings.profile,
+        preset=settings.preset,
+        preset_options=options,
+    )
+    # Compile and pick kernels now, before the worker reports ready, not in the first request.
+    warm_s = engine.warm_up()
+    log.info("engine warmed up in %.1fs (preset %s)", warm_s, engine.preset)
+    return engine
 
 
 class GpuWorker:
@@ -94,10 +111,17 @@ class GpuWorker:
             self.store.update_worker(self.worker_id, state="failed", error=message)
             return 3
         profile = str(getattr(engine, "profile", ""))
+        preset = getattr(engine, "preset", None)
         self.store.update_worker(self.worker_id, state="ready", model=engine.spec.name, profile=profile)
-        log.info("worker %s ready: model %s, profile %s", self.worker_id, engine.spec.name, profile)
+        log.info(
+            "worker %s ready: model %s, profile %s, preset %s",
+            self.worker_id,
+            engine.spec.name,
+            profile,
+            preset,
+        )
         while not self._stopping.is_set():
-            job = self.store.claim_next(self.worker_id, uuid.uuid4().hex, profile=profile)
+            job = self.store.claim_next(self.worker_id, uuid.uuid4().hex, profile=profile, preset=preset)
             if job is None:
                 self._stopping.wait(IDLE_POLL_S)
                 continue

@@ -19,6 +19,7 @@ from ..engine.request import (
     GenerationRequest,
 )
 from ..errors import InvalidInputError, MediaError
+from ..paths import DataPaths
 
 MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024
 
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     options = PresetOptions(
         attention=args.attention,
         cache_threshold=args.turbo_threshold,
-        compile_cache_dir=Settings().data_dir / "compile-cache",
+        compile_cache_dir=DataPaths(Settings().data_dir).compile_cache,
     )
     engine = load_engine(
         args.model, device=args.device, profile=args.profile, preset=args.preset, preset_options=options
