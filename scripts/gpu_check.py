@@ -57,6 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=960)
     p.add_argument("--frames", type=int, default=97, help="4k+1; fewer frames run faster")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--preset", default="exact", help="speed preset each profile runs with (presets.py)")
+    p.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="off",
+        help="torch.compile for the preset (off by default: compile time is the bench's "
+        "subject, and this check measures loading and memory)",
+    )
     p.add_argument("--guidance", type=float, default=6.0, help="true CFG scale (>1: two passes per step)")
     p.add_argument(
         "--decode-profile", default="24gb", help="profile whose run also decodes with the VAE ('' = none)"
@@ -337,7 +345,13 @@ def run_profile(name: str, args: argparse.Namespace, device, recorder: Recorder)
         record["free_gib_before"] = round(torch.cuda.mem_get_info(device)[0] / GIB, 1)
 
     t0 = time.perf_counter()
-    engine = load_engine(str(args.weights_dir), device=str(device), profile=name)
+    from skyreels_local.engine.presets import PresetOptions
+
+    options = PresetOptions(compile={"auto": None, "on": True, "off": False}[args.compile])
+    engine = load_engine(
+        str(args.weights_dir), device=str(device), profile=name, preset=args.preset, preset_options=options
+    )
+    record["engine_preset"] = engine.preset
     sync()
     record["load_s"] = round(time.perf_counter() - t0, 1)
     record["engine_profile"] = engine.profile
