@@ -199,11 +199,14 @@ def denoise_latents(
     return latents
 
 
-def decode_latents(pipe: Any, latents: torch.Tensor, *, output_type: str = "np") -> tuple[Any, TilePlan]:
-    """The pipeline's decode (unscale, VAE, post-process), with tiles sized to free memory."""
+def decode_latents(
+    pipe: Any, latents: torch.Tensor, *, output_type: str = "np", budget_bytes: int | None = None
+) -> tuple[Any, TilePlan]:
+    """The pipeline's decode (unscale, VAE, post-process), with tiles sized to free memory
+    (capped by the memory profile's decode budget)."""
     with torch.inference_mode():
         scaled = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
-        video, plan = decode_video(pipe.vae, scaled)
+        video, plan = decode_video(pipe.vae, scaled, budget_bytes=budget_bytes)
         return pipe.video_processor.postprocess_video(video, output_type=output_type), plan
 
 
@@ -214,10 +217,11 @@ def generate_video(
     on_step: StepCallback | None = None,
     on_forward: ForwardObserver | None = None,
     output_type: str = "np",
+    decode_budget_bytes: int | None = None,
 ) -> tuple[Any, TilePlan]:
     """Denoise then decode: the pipeline call's result (`output.frames`), and the tile plan."""
     latents = denoise_latents(pipe, job, on_step=on_step, on_forward=on_forward)
-    video, plan = decode_latents(pipe, latents, output_type=output_type)
+    video, plan = decode_latents(pipe, latents, output_type=output_type, budget_bytes=decode_budget_bytes)
     pipe.maybe_free_model_hooks()  # as the pipeline does, for offloading profiles
     return video, plan
 

@@ -95,10 +95,12 @@ class Engine:
         profile: str = "default",
         text_encoders: TextEncoderResidency | None = None,
         preset: AppliedPreset | None = None,
+        decode_budget_bytes: int | None = None,
     ) -> None:
         self.pipe = pipe
         self.spec = spec
         self.profile = profile  # the memory profile's name (profiles.py), shown in /ready and logs
+        self.decode_budget_bytes = decode_budget_bytes  # the profile's cap on VAE decode memory
         # The speed preset applied to the pipeline at load; none given: the plain pipeline call.
         self.preset_info = preset or AppliedPreset(name="stock", requested="stock")
         self.prompts = PromptEncoder(
@@ -259,7 +261,13 @@ class Engine:
                 negative=negative_embeds,
                 generator=generator,
             )
-            video, _plan = generate_video(self.pipe, job, on_step=on_step, on_forward=monitor)
+            video, _plan = generate_video(
+                self.pipe,
+                job,
+                on_step=on_step,
+                on_forward=monitor,
+                decode_budget_bytes=self.decode_budget_bytes,
+            )
             if monitor is not None and monitor.forwards:
                 extra_timings["step_cache_reuse_fraction"] = monitor.reuse_fraction
         frames = to_uint8_frames(video[0])

@@ -155,4 +155,11 @@ def load_engine(
         "model %s loaded on %s in %.1fs with memory profile %s, speed preset %s",
         spec.name, target, time.perf_counter() - started, chosen.summary(), applied.name,
     )  # fmt: skip
-    return Engine(pipe, spec, profile=chosen.name, text_encoders=placed.text_encoders, preset=applied)
+    return Engine(
+        pipe,
+        spec,
+        profile=chosen.name,
+        text_encoders=placed.text_encoders,
+        preset=applied,
+        decode_budget_bytes=chosen.vae.decode_budget_bytes,
+    )

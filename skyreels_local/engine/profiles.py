@@ -90,6 +90,14 @@ class TextEncoderSettings:
 class VaeSettings:
     placement: Literal["resident", "sequential-offload"] = "resident"
     tiling: bool = True
+    # The most GPU memory (GiB) the decode may plan for. The fast path sizes decode tiles from
+    # the memory free at decode time; without this cap a small-GPU profile run on a large GPU
+    # (or beside other processes) would decode untiled and blow its peak. None: whatever is free.
+    decode_budget_gib: float | None = None
+
+    @property
+    def decode_budget_bytes(self) -> int | None:
+        return None if self.decode_budget_gib is None else int(self.decode_budget_gib * 2**30)
 
 
 @dataclass(frozen=True)

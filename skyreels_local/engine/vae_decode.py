@@ -91,8 +91,11 @@ def apply_plan(vae: Any, plan: TilePlan) -> None:
     )
 
 
-def decode_video(vae: Any, latents: torch.Tensor) -> tuple[torch.Tensor, TilePlan]:
-    """Decode scaled latents [B, C, T, h, w] with a tile plan fitted to free memory.
+def decode_video(
+    vae: Any, latents: torch.Tensor, *, budget_bytes: int | None = None
+) -> tuple[torch.Tensor, TilePlan]:
+    """Decode scaled latents [B, C, T, h, w] with a tile plan fitted to free memory, and to
+    `budget_bytes` when the memory profile sets one (its VAE `decode_budget_gib`).
 
     On a CPU the VAE's own tiling setting is left as configured.
     """
@@ -103,7 +106,10 @@ def decode_video(vae: Any, latents: torch.Tensor) -> tuple[torch.Tensor, TilePla
     if device.type != "cuda":
         plan = TilePlan(bool(vae.use_tiling), None, None, 0, None)
         return vae.decode(latents, return_dict=False)[0], plan
-    plan = plan_tiling(height, width, frames, free_device_bytes(device))
+    free = free_device_bytes(device)
+    if budget_bytes is not None and free is not None:
+        free = min(free, budget_bytes + RESERVE_BYTES)
+    plan = plan_tiling(height, width, frames, free)
     apply_plan(vae, plan)
     try:
         return vae.decode(latents, return_dict=False)[0], plan
