@@ -40,6 +40,26 @@ def test_too_little_memory_still_plans_the_smallest_tiles():
     assert (plan.tile, plan.stride) == TILE_LADDER[-1]
 
 
+def test_a_profile_budget_caps_the_plan_on_a_large_gpu():
+    # The 24gb profile on an H200: 139 GiB free, but the decode must stay within 8 GiB (measured
+    # on an H200: untiled, the decode alone peaked at 46.5 GiB).
+    plan = plan_tiling(H, W, CHUNK, free_bytes=139 * GiB, budget_bytes=8 * GiB)
+    assert plan.tiled and (plan.tile, plan.stride) == (256, 192)
+    assert plan.estimated_peak_bytes <= 8 * GiB
+    # A budget above what is free changes nothing.
+    assert plan_tiling(H, W, CHUNK, 5 * GiB, budget_bytes=64 * GiB) == plan_tiling(H, W, CHUNK, 5 * GiB)
+
+
+def test_profiles_carry_their_decode_budget():
+    import torch
+
+    from skyreels_local.engine.profiles import resolve_profile
+
+    cuda = torch.device("cuda")
+    assert resolve_profile("24gb", cuda).vae.decode_budget_bytes == 8 * GiB
+    assert resolve_profile("80gb", cuda).vae.decode_budget_bytes is None
+
+
 def test_unknown_free_memory_keeps_diffusers_default():
     plan = plan_tiling(H, W, CHUNK, free_bytes=None)
     assert (plan.tile, plan.stride) == DEFAULT_TILE and plan.describe() == "tiles 256/192"

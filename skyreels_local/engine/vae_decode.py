@@ -50,11 +50,16 @@ def estimate_peak_bytes(height: int, width: int, frames: int) -> int:
     return int(height * width * frames * BYTES_PER_PIXEL_FRAME * SAFETY)
 
 
-def plan_tiling(height: int, width: int, frames: int, free_bytes: int | None) -> TilePlan:
-    """The largest decode (untiled, else the largest tile) whose estimated peak fits `free_bytes`.
+def plan_tiling(
+    height: int, width: int, frames: int, free_bytes: int | None, *, budget_bytes: int | None = None
+) -> TilePlan:
+    """The largest decode (untiled, else the largest tile) whose estimated peak fits `free_bytes`,
+    and `budget_bytes` (a memory profile's cap) when given.
 
     `free_bytes=None` (unknown, e.g. on a CPU) keeps diffusers' default tiles.
     """
+    if free_bytes is not None and budget_bytes is not None:
+        free_bytes = min(free_bytes, budget_bytes + RESERVE_BYTES)
     if free_bytes is None:
         tile, stride = DEFAULT_TILE
         return TilePlan(True, tile, stride, estimate_peak_bytes(tile, tile, frames), None)
@@ -106,10 +111,7 @@ def decode_video(
     if device.type != "cuda":
         plan = TilePlan(bool(vae.use_tiling), None, None, 0, None)
         return vae.decode(latents, return_dict=False)[0], plan
-    free = free_device_bytes(device)
-    if budget_bytes is not None and free is not None:
-        free = min(free, budget_bytes + RESERVE_BYTES)
-    plan = plan_tiling(height, width, frames, free)
+    plan = plan_tiling(height, width, frames, free_device_bytes(device), budget_bytes=budget_bytes)
     apply_plan(vae, plan)
     try:
         return vae.decode(latents, return_dict=False)[0], plan
