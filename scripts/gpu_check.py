@@ -223,8 +223,8 @@ def build_full_weights(args: argparse.Namespace, device) -> dict[str, Any]:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
-    from skyreels_local.engine.single_file import SKYREELS_I2V_TRANSFORMER_CONFIG
     from skyreels_local.engine.tiny import build_char_tokenizer
+    from skyreels_local.engine.weights import SKYREELS_I2V_TRANSFORMER_CONFIG
 
     def build(factory, dtype):
         previous = torch.get_default_dtype()

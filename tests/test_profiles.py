@@ -30,9 +30,9 @@ from skyreels_local.engine.profiles import (
 )
 from skyreels_local.engine.prompts import FreedTextEncoders, OffloadedTextEncoders, ResidentTextEncoders
 from skyreels_local.engine.request import GenerationRequest
-from skyreels_local.engine.single_file import SKYREELS_I2V_TRANSFORMER_CONFIG
 from skyreels_local.engine.synthetic import write_tiny_weights
 from skyreels_local.engine.tiny import build_tiny_components
+from skyreels_local.engine.weights import SKYREELS_I2V_TRANSFORMER_CONFIG
 from skyreels_local.errors import InvalidInputError
 from tests.conftest import make_test_image
 

@@ -59,6 +59,7 @@ from .bench_report import (
     significant,
     step_flops,
 )
+from .weights import SKYREELS_I2V_TRANSFORMER_CONFIG
 
 # Run in this order: the step-time targets first, then the decode (it completes the end-to-end
 # estimates), then turbo on the fastest base reached, and the stock decode for comparison last.
@@ -67,21 +68,7 @@ DEFAULT_VARIANTS = VARIANTS
 FULL_MODEL, TINY_MODEL = "random-full", "tiny-random"
 
 # SkyReels V1 I2V transformer (HunyuanVideo, 32 input channels: noise + image latents).
-FULL_TRANSFORMER = dict(
-    in_channels=32,
-    out_channels=16,
-    num_attention_heads=24,
-    attention_head_dim=128,
-    num_layers=20,
-    num_single_layers=40,
-    num_refiner_layers=2,
-    patch_size=2,
-    patch_size_t=1,
-    guidance_embeds=True,
-    text_embed_dim=4096,
-    pooled_projection_dim=768,
-    rope_axes_dim=(16, 56, 56),
-)
+FULL_TRANSFORMER = SKYREELS_I2V_TRANSFORMER_CONFIG  # the real model's config.json
 FULL_TEXT = dict(max_len=256, dim=4096, pooled_dim=768)
 
 # Budget guesses before anything is measured (seconds); replaced by measurements as they come.

@@ -36,29 +36,17 @@ from typing import Any, Literal
 import torch
 
 from ..errors import WeightsError
-from .weights import TRANSFORMER_SUBDIR, build_manifest, list_weight_files, read_manifest, write_manifest
+from .weights import (
+    SKYREELS_I2V_TRANSFORMER_CONFIG,
+    TRANSFORMER_SUBDIR,
+    build_manifest,
+    list_weight_files,
+    read_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
-# config.json of Skywork/SkyReels-V1-Hunyuan-I2V (diffusers HunyuanVideoTransformer3DModel).
-SKYREELS_I2V_TRANSFORMER_CONFIG: dict[str, Any] = {
-    "in_channels": 32,
-    "out_channels": 16,
-    "num_attention_heads": 24,
-    "attention_head_dim": 128,
-    "num_layers": 20,
-    "num_single_layers": 40,
-    "num_refiner_layers": 2,
-    "mlp_ratio": 4.0,
-    "patch_size": 2,
-    "patch_size_t": 1,
-    "qk_norm": "rms_norm",
-    "guidance_embeds": True,
-    "text_embed_dim": 4096,
-    "pooled_projection_dim": 768,
-    "rope_theta": 256.0,
-    "rope_axes_dim": [16, 56, 56],
-}
 # diffusers' converter splits the single blocks' fused `linear1` with this width hard-coded (the
 # 13B model's hidden size). For other widths (small test models) we split it ourselves first.
 _DIFFUSERS_SINGLE_BLOCK_WIDTH = 3072

@@ -43,6 +43,25 @@ TRANSFORMER_REPO = "Skywork/SkyReels-V1-Hunyuan-I2V"
 TRANSFORMER_SUBDIR = "transformer"
 MODEL_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 TOKENIZER_COMPONENTS = ("tokenizer", "tokenizer_2")
+# config.json of Skywork/SkyReels-V1-Hunyuan-I2V (diffusers HunyuanVideoTransformer3DModel).
+SKYREELS_I2V_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "in_channels": 32,
+    "out_channels": 16,
+    "num_attention_heads": 24,
+    "attention_head_dim": 128,
+    "num_layers": 20,
+    "num_single_layers": 40,
+    "num_refiner_layers": 2,
+    "mlp_ratio": 4.0,
+    "patch_size": 2,
+    "patch_size_t": 1,
+    "qk_norm": "rms_norm",
+    "guidance_embeds": True,
+    "text_embed_dim": 4096,
+    "pooled_projection_dim": 768,
+    "rope_theta": 256.0,
+    "rope_axes_dim": [16, 56, 56],
+}
 HOW_TO_GET = (
     "Download them with `skyreels-local weights download --dir {dir}` on a machine with network access, "
     "or copy a complete weights folder here and check it with `skyreels-local weights verify --dir {dir}` "
