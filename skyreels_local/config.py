@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     webhook_retry_window_s: float = Field(
         default=24 * 3600.0, gt=0, description="undelivered webhooks are retried with backoff for this long"
     )
+    webhook_backoff_s: float = Field(
+        default=2.0, gt=0, description="first webhook retry delay; it doubles per failure, up to 10 minutes"
+    )
     max_attempts: int = Field(
         default=2, ge=1, description="times a job is started before an interrupted job fails with code 5000"
     )
