@@ -66,6 +66,11 @@ _FLAGS: list[tuple[str, str, dict]] = [
     ("--webhook-secret", "webhook_secret", {"help": "webhook signing secret (default: generated and kept)"}),
     ("--max-attempts", "max_attempts", {"type": int, "help": "starts of an interrupted job before it fails"}),
     (
+        "--job-timeout-s",
+        "job_timeout_s",
+        {"type": float, "help": "a job running longer fails (code 5004) and its worker is restarted"},
+    ),
+    (
         "--webhook-timeout-s",
         "webhook_timeout_s",
         {"type": float, "help": "time a webhook receiver gets to answer"},
