@@ -174,8 +174,8 @@ def test_metrics_count_jobs_queue_generation_steps_restarts_and_webhooks(server)
     assert values["skyreels_queue_depth"] == 0
     assert values["skyreels_generation_seconds_count"] == len(completed) >= 13
     assert values["skyreels_step_seconds_count"] == steps
-    # 0.05 s of sleep per step at least; denoising is part of the whole generation time.
-    assert steps * 0.05 <= values["skyreels_step_seconds_sum"] < values["skyreels_generation_seconds_sum"]
+    # Denoising is a part of each whole generation.
+    assert 0 < values["skyreels_step_seconds_sum"] < values["skyreels_generation_seconds_sum"]
     assert values["skyreels_worker_restarts_total"] == 1  # the hung worker
     assert values["skyreels_workers_up"] == 1
     assert values["skyreels_webhook_failures_total"] >= 4  # 2 while down, 2+ against the hanging one
