@@ -86,6 +86,15 @@ class Settings(BaseSettings):
     webhook_retry_window_s: float = Field(
         default=24 * 3600.0, gt=0, description="undelivered webhooks are retried with backoff for this long"
     )
+    webhook_backoff_s: float = Field(
+        default=2.0, gt=0, description="first webhook retry delay; it doubles per failure, up to 10 minutes"
+    )
+    job_timeout_s: float = Field(
+        default=7200.0,
+        gt=0,
+        description="a job running longer than this fails with code 5004 and its worker is restarted "
+        "(a hung step, a stuck GPU); allow for the slowest profile on the slowest card",
+    )
     max_attempts: int = Field(
         default=2, ge=1, description="times a job is started before an interrupted job fails with code 5000"
     )

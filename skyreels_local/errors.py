@@ -7,6 +7,8 @@ value, because they are shown to API users verbatim.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from enum import IntEnum
 
 
@@ -84,3 +86,21 @@ class OutOfMemoryError(SkyreelsError):
 
     http_status = 500
     task_code = TaskCode.EXECUTION_FAILED
+
+
+class DiskFullError(SkyreelsError):
+    """The data directory's disk is full. A job that hits it fails with code 5000; a submit or an
+    upload that hits it is answered 503 (with the message: it is operational, not internal), so
+    that clients retry once space is freed."""
+
+    http_status = 503
+    task_code = TaskCode.INTERNAL_ERROR
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an OS or SQLite error means "no space left" (ENOSPC, quota, SQLITE_FULL)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return False

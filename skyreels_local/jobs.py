@@ -17,6 +17,7 @@ Timestamps are Unix seconds (UTC) as REAL; the wire format is produced in schema
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -29,7 +30,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .errors import SkyreelsError, TaskCode
+from .errors import DiskFullError, SkyreelsError, TaskCode, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,12 @@ CREATE TABLE IF NOT EXISTS secrets (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+
+-- Monotonic totals for /metrics that no retention sweep may lower (e.g. denoising steps run).
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value REAL NOT NULL DEFAULT 0
+);
 """
 
 
@@ -281,15 +288,30 @@ class JobStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that takes the lock up front (no deadlock on upgrade)."""
+        """A write transaction that takes the lock up front (no deadlock on upgrade).
+
+        A failed statement or COMMIT leaves the table as it was: SQLite rolls back by itself on
+        some errors (SQLITE_FULL, IOERR), so ROLLBACK is sent only while a transaction is still
+        open; otherwise this thread's connection would be stuck inside a dead transaction. A full
+        disk is raised as DiskFullError (a clear 503 / failed job, not an internal error)."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if is_disk_full(exc):
+                log.error("job table %s: %s", self.path, exc)
+                raise DiskFullError(
+                    "the server's disk is full, so the job table cannot be written; retry once space is freed"
+                ) from exc
             raise
-        conn.execute("COMMIT")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -381,6 +403,23 @@ class JobStore:
             .fetchone()
         )
         return count, total_ms / 1000.0
+
+    def counters(self) -> dict[str, float]:
+        """The monotonic totals (see the counters table), e.g. `denoise_steps`, `denoise_seconds`."""
+        return {name: value for name, value in self._conn().execute("SELECT name, value FROM counters")}
+
+    def overdue_jobs(self, *, started_before: float) -> list[Job]:
+        """Jobs still `processing` that were claimed before `started_before` (the job timeout)."""
+        rows = (
+            self._conn()
+            .execute(
+                f"""SELECT {_LIGHT_COLUMNS} FROM predictions
+                    WHERE status = 'processing' AND started_at < ? ORDER BY seq""",
+                (started_before,),
+            )
+            .fetchall()
+        )
+        return [Job.from_row(row) for row in rows]
 
     def history(
         self,
@@ -490,14 +529,18 @@ class JobStore:
         outputs: list[str],
         execution_ms: int,
         inference_ms: int,
+        steps: int = 0,
+        denoise_s: float = 0.0,
         now: float | None = None,
     ) -> bool:
+        """Record the result. `steps` and `denoise_s` add to the step-time totals of /metrics."""
         return self._finish(
             id,
             claim,
             "status = 'completed', progress = 1, outputs = ?, execution_ms = ?, inference_ms = ?, error = ''",
             (json.dumps(outputs), execution_ms, inference_ms),
             now,
+            counters={"denoise_steps": steps, "denoise_seconds": denoise_s} if steps else None,
         )
 
     def fail(self, id: str, claim: str, *, code: int, error: str, now: float | None = None) -> bool:
@@ -518,7 +561,16 @@ class JobStore:
             conn.execute("UPDATE workers SET job_id = NULL WHERE job_id = ?", (id,))
         return cursor.rowcount == 1
 
-    def _finish(self, id: str, claim: str, assignments: str, args: tuple, now: float | None) -> bool:
+    def _finish(
+        self,
+        id: str,
+        claim: str,
+        assignments: str,
+        args: tuple,
+        now: float | None,
+        *,
+        counters: dict[str, float] | None = None,
+    ) -> bool:
         now = time.time() if now is None else now
         with self._write() as conn:
             row = conn.execute(
@@ -531,6 +583,12 @@ class JobStore:
                 return False
             self._enqueue_webhook(conn, id, row["webhook_url"], now)
             conn.execute("UPDATE workers SET job_id = NULL, state = 'ready' WHERE job_id = ?", (id,))
+            for name, value in (counters or {}).items():
+                conn.execute(
+                    """INSERT INTO counters (name, value) VALUES (?, ?)
+                       ON CONFLICT (name) DO UPDATE SET value = value + excluded.value""",
+                    (name, value),
+                )
         return True
 
     # --- recovery ----------------------------------------------------------------------------

@@ -228,13 +228,18 @@ class AddressPolicy:
 
     def resolve(self, host: str, port: int) -> str:
         """The address to connect to for `host`, or BlockedAddressError naming the reason."""
+        return self.addresses(host, port)[0]
+
+    def addresses(self, host: str, port: int) -> list[str]:
+        """Every address `host` resolves to, in the resolver's order, once all are found allowed
+        (one refused address refuses the host: DNS answers can be mixed on purpose)."""
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise MediaError(f"cannot resolve host {host!r}: {exc.strerror or exc}") from exc
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
         if host.lower().rstrip(".") in self.allowed_hosts:
-            return addresses[0]
+            return addresses
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
             reason = describe_address(ip)
@@ -243,7 +248,7 @@ class AddressPolicy:
                     f"host {host!r} resolves to {address}, {reason}; refused "
                     "(allow it with SKYREELS_URL_ALLOW_LIST / --url-allow-list)"
                 )
-        return addresses[0]
+        return addresses
 
 
 class _GuardedBackend(httpcore.NetworkBackend):
@@ -261,9 +266,15 @@ class _GuardedBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Any = None,
     ) -> httpcore.NetworkStream:
-        address = self._policy.resolve(host, port)
-        # TLS still verifies `host` (httpcore passes the URL's host as server_hostname).
-        return self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+        # Each allowed address in turn, as a plain connect would (e.g. `localhost` -> ::1, then
+        # 127.0.0.1). TLS still verifies `host` (httpcore passes the URL's host as server_hostname).
+        addresses = self._policy.addresses(host, port)
+        for address in addresses[:-1]:
+            try:
+                return self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError:
+                continue
+        return self._inner.connect_tcp(addresses[-1], port, timeout, local_address, socket_options)
 
     def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
         raise BlockedAddressError("unix sockets are not allowed")

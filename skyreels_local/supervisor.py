@@ -5,6 +5,11 @@ each pinned with CUDA_VISIBLE_DEVICES; one on a CPU-only machine; `--device` pin
 worker. A worker that exits unexpectedly has its job re-queued (or failed once it has used up
 its attempts, see jobs.py) and is restarted with a growing delay, so a model that cannot load
 does not spin. A worker whose heartbeat stops (a hung process) is killed and treated the same.
+
+A job still running after `job_timeout_s` (a step that never returns, a stuck GPU: the worker's
+heartbeat thread goes on beating, so only the job's age shows it) is failed with code 5004 and
+its worker is killed and restarted; the job is not retried, since a job that hung once would
+most likely hold the next worker just as long.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from .config import Settings
+from .errors import TaskCode
 from .jobs import JobStore
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,7 @@ class _Managed:
     started_at: float = 0.0
     failures: int = 0
     restart_at: float = 0.0
+    kill_reason: str = ""  # set when the supervisor itself killed the process
 
 
 class WorkerSupervisor:
@@ -113,12 +120,35 @@ class WorkerSupervisor:
         for worker in self.workers:
             self._spawn(worker)
         while not self._stop.wait(MONITOR_S):
+            try:
+                self._enforce_job_timeout()
+            except Exception:
+                log.exception("supervisor: checking job timeouts failed")
             for worker in self.workers:
                 try:
                     self._check(worker)
                 except Exception:
                     log.exception("supervisor: checking worker %s failed", worker.spec.id)
         self._stop_workers()
+
+    def _enforce_job_timeout(self) -> None:
+        timeout = self.settings.job_timeout_s
+        for job in self.store.overdue_jobs(started_before=time.time() - timeout):
+            error = (
+                f"generation did not finish within the job timeout of {timeout:g} s "
+                "(--job-timeout-s / SKYREELS_JOB_TIMEOUT_S); its worker was restarted"
+            )
+            # Fail first, guarded by the claim: a job that finished a moment ago stays finished.
+            if not self.store.fail(job.id, job.claim or "", code=TaskCode.TIMEOUT, error=error):
+                continue
+            worker = next((w for w in self.workers if w.spec.id == job.worker_id), None)
+            log.error(
+                "prediction %s: still running on worker %s after the %gs job timeout; failed it%s",
+                job.id, job.worker_id, timeout, ", killing the worker" if worker else "",
+            )  # fmt: skip
+            if worker is not None and worker.process is not None and worker.process.poll() is None:
+                worker.kill_reason = f"killed: prediction {job.id} passed the job timeout"
+                worker.process.kill()
 
     def _spawn(self, worker: _Managed) -> None:
         command = [
@@ -148,17 +178,21 @@ class WorkerSupervisor:
         if code is None:
             if self._heartbeat_stale(worker):
                 log.error("worker %s: no heartbeat for %.0fs, killing it", worker.spec.id, HEARTBEAT_STALE_S)
+                worker.kill_reason = f"killed: no heartbeat for {HEARTBEAT_STALE_S:.0f}s"
                 worker.process.kill()
             return
         if self._stop.is_set():
             return
-        # Died on its own: give its job back (or fail it), then restart with a growing delay.
+        # Died (or was killed by us): give its job back (or fail it), then restart with a growing
+        # delay, so that a worker that cannot start does not spin.
         uptime = now - worker.started_at
+        reason = worker.kill_reason or f"exited with code {code}"
         worker.failures = 1 if uptime > MAX_RESTART_DELAY_S else worker.failures + 1
         delay = min(2.0 ** (worker.failures - 1), MAX_RESTART_DELAY_S)
-        log.error("worker %s exited with code %s; restarting in %.0fs", worker.spec.id, code, delay)
-        self._mark_dead(worker, f"exited with code {code}")
+        log.error("worker %s %s; restarting in %.0fs", worker.spec.id, reason, delay)
+        self._mark_dead(worker, reason)
         worker.process = None
+        worker.kill_reason = ""
         worker.restart_at = now + delay
 
     def _heartbeat_stale(self, worker: _Managed) -> bool:

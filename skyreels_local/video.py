@@ -4,11 +4,19 @@ yuv420p (every player decodes it), `+faststart` (the moov atom first, so browser
 before the whole file arrives), CRF 17 with the `slow` preset: visually lossless for this content
 at a few MB per 4 s clip. The file is written under a temporary name in the same folder and
 renamed, so a reader never sees a half-written video.
+
+ffmpeg runs as our own subprocess (the binary imageio-ffmpeg ships) rather than through
+`imageio_ffmpeg.write_frames`, because that helper never checks ffmpeg's exit status: on a full
+disk it returns normally and leaves an empty, unplayable file. Here a failed encode raises
+VideoWriteError with ffmpeg's own message and the errno it reports (ENOSPC on a full disk).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -16,6 +24,20 @@ import imageio_ffmpeg
 import numpy as np
 
 DEFAULT_CRF = 17
+
+
+class VideoWriteError(OSError):
+    """ffmpeg failed to write the video. `errno` is ENOSPC or EDQUOT when it says the disk is full."""
+
+    def __init__(self, ffmpeg_output: str, exit_code: int) -> None:
+        lines = [line.strip() for line in ffmpeg_output.splitlines() if line.strip()]
+        code = next(
+            (number for number in (errno.ENOSPC, errno.EDQUOT) if os.strerror(number) in ffmpeg_output),
+            errno.EIO,
+        )
+        # The first lines name the cause; later ones are consequences.
+        reason = "; ".join(lines[:2]) or f"ffmpeg exited with status {exit_code}"
+        super().__init__(code, f"ffmpeg could not write the video: {reason}")
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, *, fps: int = 24, crf: int = DEFAULT_CRF) -> Path:
@@ -30,23 +52,29 @@ def write_mp4(frames: np.ndarray, path: str | Path, *, fps: int = 24, crf: int =
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".part.mp4", dir=path.parent)
     os.close(fd)
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error",
+        "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24",
+        "-r", str(fps), "-i", "-", "-an",
+        "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), "-preset", "slow",
+        "-movflags", "+faststart", tmp_name,
+    ]  # fmt: skip
     try:
-        writer = imageio_ffmpeg.write_frames(
-            tmp_name,
-            (width, height),
-            fps=fps,
-            codec="libx264",
-            pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p",
-            quality=None,  # we pass CRF ourselves
-            macro_block_size=1,  # sizes are multiples of 16 already; never rescale
-            ffmpeg_log_level="error",
-            output_params=["-crf", str(crf), "-preset", "slow", "-movflags", "+faststart"],
-        )
-        writer.send(None)  # start the generator
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
+        # stderr to a file, not a pipe: a chatty ffmpeg can then never block on a full pipe.
+        with tempfile.TemporaryFile() as stderr:
+            process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+            try:
+                _feed(process, frames)
+                code = process.wait()
+            except BaseException:
+                process.kill()
+                process.wait()
+                raise
+            if code != 0:
+                stderr.seek(0)
+                raise VideoWriteError(stderr.read().decode("utf-8", "replace"), code)
         with open(tmp_name, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -54,6 +82,19 @@ def write_mp4(frames: np.ndarray, path: str | Path, *, fps: int = 24, crf: int =
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def _feed(process: subprocess.Popen, frames: np.ndarray) -> None:
+    """Write the raw frames to ffmpeg's stdin, then close it (ffmpeg finishes the file)."""
+    assert process.stdin is not None
+    try:
+        for frame in frames:
+            process.stdin.write(np.ascontiguousarray(frame).data)
+    except BrokenPipeError:
+        pass  # ffmpeg stopped early; its exit status and message say why
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.close()
 
 
 def read_mp4(path: str | Path) -> tuple[np.ndarray, float]:

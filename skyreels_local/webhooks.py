@@ -61,9 +61,10 @@ def verify(
     return hmac.compare_digest(sign(secret, webhook_id, timestamp, body), signature)
 
 
-def backoff_s(attempts: int) -> float:
-    """Delay before the next try after `attempts` failures: 2, 4, 8, ... capped at 10 minutes."""
-    return min(2.0**attempts, MAX_BACKOFF_S)
+def backoff_s(attempts: int, base_s: float = 2.0) -> float:
+    """Delay before the next try after `attempts` failures: base, 2x, 4x, ... (2, 4, 8 s by
+    default), capped at 10 minutes."""
+    return min(base_s * 2.0 ** (attempts - 1), MAX_BACKOFF_S)
 
 
 class WebhookDispatcher:
@@ -78,6 +79,7 @@ class WebhookDispatcher:
         policy: AddressPolicy,
         timeout_s: float,
         retry_window_s: float,
+        backoff_base_s: float = 2.0,
         poll_s: float = 0.5,
         concurrency: int = 4,
     ) -> None:
@@ -87,12 +89,17 @@ class WebhookDispatcher:
         self.policy = policy
         self.timeout_s = timeout_s
         self.retry_window_s = retry_window_s
+        self.backoff_base_s = backoff_base_s
         self.poll_s = poll_s
         self.concurrency = concurrency
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
+        # Deliveries claimed and not finished. Only free slots are claimed, so a lease never
+        # runs out while its row waits behind hanging receivers (which would deliver it twice).
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
 
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook")
@@ -114,14 +121,28 @@ class WebhookDispatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                due = self.store.claim_due_webhooks(limit=self.concurrency * 2, lease_s=self.timeout_s + 30)
+                with self._in_flight_lock:
+                    free = self.concurrency - self._in_flight
+                due = self.store.claim_due_webhooks(limit=free, lease_s=self.timeout_s + 30) if free else []
                 for delivery in due:
                     assert self._pool is not None
-                    self._pool.submit(self.deliver, delivery)
+                    with self._in_flight_lock:
+                        self._in_flight += 1
+                    self._pool.submit(self._deliver_in_slot, delivery)
             except Exception:
                 log.exception("webhook dispatcher: cannot read the outbox")
             self._wake.wait(self.poll_s)
             self._wake.clear()
+
+    def _deliver_in_slot(self, delivery: WebhookDelivery) -> None:
+        try:
+            self.deliver(delivery)
+        except Exception:
+            log.exception("prediction %s: webhook delivery failed", delivery.prediction_id)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+            self._wake.set()  # a slot is free: look for more due deliveries now
 
     def deliver(self, delivery: WebhookDelivery) -> bool:
         """One attempt. Returns True when the receiver answered 2xx."""
@@ -152,7 +173,8 @@ class WebhookDispatcher:
             log.exception("prediction %s: webhook delivery crashed", delivery.prediction_id)
             error = f"{exc.__class__.__name__}: {exc}"
         attempts = delivery.attempts + 1
-        retry_at = time.time() + backoff_s(attempts)
+        delay = backoff_s(attempts, self.backoff_base_s)
+        retry_at = time.time() + delay
         if retry_at - delivery.created_at > self.retry_window_s:
             log.error(
                 "prediction %s: webhook to %s failed %d times (%s); giving up",
@@ -161,8 +183,8 @@ class WebhookDispatcher:
             self.store.webhook_failed(delivery.id, error=error, retry_at=None)
         else:
             log.warning(
-                "prediction %s: webhook to %s failed (%s); retry %d in %.0fs",
-                delivery.prediction_id, shorten(delivery.url), error, attempts, backoff_s(attempts),
+                "prediction %s: webhook to %s failed (%s); retry %d in %.3gs",
+                delivery.prediction_id, shorten(delivery.url), error, attempts, delay,
             )  # fmt: skip
             self.store.webhook_failed(delivery.id, error=error, retry_at=retry_at)
         return False

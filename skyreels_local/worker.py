@@ -11,26 +11,35 @@ SIGTERM stops the worker gracefully: the running job stops at its next step and 
 queue (without counting as an attempt). If the server dies, the worker dies with it (Linux
 parent-death signal, plus a parent check in the heartbeat thread), so a restarted server can
 safely re-queue whatever was running.
+
+Faults stay inside their job: a CUDA out-of-memory fails the job with a message naming a
+lower-memory profile and the worker goes on with its model loaded; a full disk fails the job
+with a clear "disk is full" error (code 5000), and an outcome that cannot be written to the job
+table (the same full disk) is retried until it can, never dropped. A job that hangs is the
+supervisor's to end (the per-job timeout, supervisor.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import logging
 import os
 import secrets
+import shutil
 import signal
+import sqlite3
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .config import Settings
-from .errors import GenerationCancelled, SkyreelsError, TaskCode
+from .errors import DiskFullError, GenerationCancelled, SkyreelsError, TaskCode, is_disk_full
 from .jobs import Job, JobStore
 from .media import AddressPolicy, ImageFetcher, UploadStore, UrlSigner
 from .paths import DataPaths
@@ -42,6 +51,7 @@ PROGRESS_EVERY_S = 0.5  # throttle of progress writes
 DENOISE_SHARE = 0.95  # progress reached when denoising ends; decode + encode are the rest
 HEARTBEAT_S = 1.0
 IDLE_POLL_S = 0.2
+STORE_RETRY_MAX_S = 30.0  # longest wait between tries to write to an unwritable job table
 
 
 def build_engine(settings: Settings, device: str | None) -> Any:
@@ -94,6 +104,7 @@ class GpuWorker:
         )
         self._stopping = threading.Event()
         self._parent_pid = os.getppid()
+        self.profile = ""  # the engine's memory profile, once loaded
 
     def stop(self) -> None:
         self._stopping.set()
@@ -110,7 +121,7 @@ class GpuWorker:
             log.exception("worker %s: cannot load model %s", self.worker_id, self.settings.model)
             self.store.update_worker(self.worker_id, state="failed", error=message)
             return 3
-        profile = str(getattr(engine, "profile", ""))
+        profile = self.profile = str(getattr(engine, "profile", ""))
         preset = getattr(engine, "preset", None)
         self.store.update_worker(self.worker_id, state="ready", model=engine.spec.name, profile=profile)
         log.info(
@@ -120,8 +131,19 @@ class GpuWorker:
             profile,
             preset,
         )
+        retry_s = IDLE_POLL_S
         while not self._stopping.is_set():
-            job = self.store.claim_next(self.worker_id, uuid.uuid4().hex, profile=profile, preset=preset)
+            try:
+                job = self.store.claim_next(self.worker_id, uuid.uuid4().hex, profile=profile, preset=preset)
+            except (DiskFullError, sqlite3.Error) as exc:
+                # e.g. a full disk: keep the loaded model and try again, rather than crash and reload.
+                log.error(
+                    "worker %s: cannot claim jobs (%s); retrying in %.0fs", self.worker_id, exc, retry_s
+                )
+                self._stopping.wait(retry_s)
+                retry_s = min(retry_s * 2, STORE_RETRY_MAX_S)
+                continue
+            retry_s = IDLE_POLL_S
             if job is None:
                 self._stopping.wait(IDLE_POLL_S)
                 continue
@@ -138,13 +160,20 @@ class GpuWorker:
                 os._exit(70)
             try:
                 self.store.heartbeat(self.worker_id)
-            except Exception:
-                log.exception("worker %s: heartbeat failed", self.worker_id)
+            except Exception as exc:  # e.g. a full disk; the supervisor acts if it lasts
+                log.warning("worker %s: heartbeat failed: %s", self.worker_id, exc)
             time.sleep(HEARTBEAT_S)
 
     # --- one job -----------------------------------------------------------------------------
 
     def run_job(self, engine: Any, job: Job) -> None:
+        JobLogTag.current = job.id
+        try:
+            self._run_job(engine, job)
+        finally:
+            JobLogTag.current = None
+
+    def _run_job(self, engine: Any, job: Job) -> None:
         from .engine.request import GenerationRequest
 
         claim = job.claim or ""
@@ -156,11 +185,15 @@ class GpuWorker:
             now = time.monotonic()
             if now - last_write[0] >= PROGRESS_EVERY_S or progress.step == progress.total:
                 last_write[0] = now
-                self.store.set_progress(job.id, claim, DENOISE_SHARE * progress.fraction)
+                try:
+                    self.store.set_progress(job.id, claim, DENOISE_SHARE * progress.fraction)
+                except sqlite3.Error as exc:  # progress is a courtesy: never fail a job over it
+                    log.warning("prediction %s: cannot write progress: %s", job.id, exc)
 
         def should_cancel() -> bool:
             return self._stopping.is_set() or self.store.should_stop(job.id, claim)
 
+        out_of_memory = False
         try:
             params = job.params
             image = self.fetcher.fetch(params["image"])
@@ -174,34 +207,84 @@ class GpuWorker:
                 aspect_ratio=params.get("aspect_ratio", "16:9"),
             )
             result = engine.generate(request, on_progress=on_progress, should_cancel=should_cancel)
-            name = f"{job.id}.mp4"
-            try:
-                from .video import write_mp4
-
-                write_mp4(result.frames, self.paths.outputs / name, fps=result.fps)
-            except OSError as exc:
-                raise OutputWriteError(f"could not write the output video: {exc}") from exc
+            name = self.write_output(result, job.id)
         except GenerationCancelled:
             if self._stopping.is_set():
                 log.info("prediction %s: worker stopping, job goes back to the queue", job.id)
-                self.store.requeue(job.id, claim)
+                self._record(job.id, lambda: self.store.requeue(job.id, claim))
             else:
                 log.info("prediction %s: cancelled", job.id)
-                self.store.mark_cancelled(job.id, claim)
+                self._record(job.id, lambda: self.store.mark_cancelled(job.id, claim))
             return
         except SkyreelsError as exc:
             log.warning("prediction %s: failed (%d): %s", job.id, exc.task_code, exc.message)
-            self.store.fail(job.id, claim, code=exc.task_code, error=exc.message)
-            return
+            code, message = int(exc.task_code), exc.message
         except Exception as exc:
-            code, message = describe_failure(exc)
+            out_of_memory = is_out_of_memory(exc)
+            code, message = describe_failure(exc, profile=self.profile)
             log.exception("prediction %s: generation failed", job.id)
-            self.store.fail(job.id, claim, code=code, error=message)
+        else:
+            elapsed_ms = int((time.monotonic() - started) * 1000)
+            inference_ms = int(result.timings.get("total_s", elapsed_ms / 1000) * 1000)
+            self._record(
+                job.id,
+                lambda: self.store.complete(
+                    job.id,
+                    claim,
+                    outputs=[name],
+                    execution_ms=elapsed_ms,
+                    inference_ms=inference_ms,
+                    steps=request.num_inference_steps,
+                    denoise_s=float(result.timings.get("denoise_s", 0.0)),
+                ),
+            )
+            log.info("prediction %s: completed in %.1fs (seed %d)", job.id, elapsed_ms / 1000, result.seed)
             return
-        elapsed_ms = int((time.monotonic() - started) * 1000)
-        inference_ms = int(result.timings.get("total_s", elapsed_ms / 1000) * 1000)
-        self.store.complete(job.id, claim, outputs=[name], execution_ms=elapsed_ms, inference_ms=inference_ms)
-        log.info("prediction %s: completed in %.1fs (seed %d)", job.id, elapsed_ms / 1000, result.seed)
+        self._record(job.id, lambda: self.store.fail(job.id, claim, code=code, error=message))
+        if out_of_memory:
+            # Outside the except block: the exception's frames (and the tensors they hold) are
+            # gone now, so the cache can really be returned. A CUDA OOM corrupts nothing; the
+            # worker goes on with the next job without reloading the model.
+            release_gpu_memory()
+
+    def write_output(self, result: Any, job_id: str) -> str:
+        """The job's MP4 under outputs/; returns its file name. A full disk is a DiskFullError."""
+        from .video import write_mp4
+
+        name = f"{job_id}.mp4"
+        try:
+            write_mp4(result.frames, self.paths.outputs / name, fps=result.fps)
+            return name
+        except OSError as exc:
+            if is_disk_full(exc):
+                free_mb = shutil.disk_usage(self.paths.outputs).free // 2**20
+                log.error(
+                    "prediction %s: disk full writing the video (%d MiB free): %s", job_id, free_mb, exc
+                )
+                raise DiskFullError(
+                    f"the server's disk is full: the output video could not be written ({free_mb} MiB "
+                    "free); the operator must free space (or lower --retention-days)"
+                ) from exc
+            raise OutputWriteError(f"could not write the output video: {exc}") from exc
+
+    def _record(self, job_id: str, write: Callable[[], object]) -> None:
+        """Write a job's outcome to the table, waiting out a full disk or a locked table rather
+        than dropping it. Only a worker that is told to stop gives up: the job then stays
+        `processing` and the server re-queues it, as after a crash."""
+        delay = 1.0
+        while True:
+            try:
+                write()
+                return
+            except (DiskFullError, sqlite3.Error) as exc:
+                if self._stopping.is_set():
+                    log.error("prediction %s: cannot record the outcome (%s); worker stopping", job_id, exc)
+                    return
+                log.error(
+                    "prediction %s: cannot record the outcome (%s); retrying in %.0fs", job_id, exc, delay
+                )
+                self._stopping.wait(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
 
 
 class OutputWriteError(SkyreelsError):
@@ -209,20 +292,42 @@ class OutputWriteError(SkyreelsError):
     task_code = TaskCode.INTERNAL_ERROR
 
 
-def describe_failure(exc: Exception) -> tuple[int, str]:
-    """Task code and user-facing message for an unexpected exception from the engine."""
-    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
-        try:
-            import torch
+def is_out_of_memory(exc: BaseException) -> bool:
+    # torch.cuda.OutOfMemoryError (torch.OutOfMemoryError), recognised without importing torch.
+    return type(exc).__name__ == "OutOfMemoryError"
 
-            torch.cuda.empty_cache()
-        except Exception:
-            pass
+
+def describe_failure(exc: Exception, *, profile: str = "") -> tuple[int, str]:
+    """Task code and user-facing message for an unexpected exception from the engine."""
+    if is_out_of_memory(exc):
+        current = f" with memory profile {profile!r}" if profile else ""
         return TaskCode.EXECUTION_FAILED, (
-            "the GPU ran out of memory during generation; start the server with a lower-memory "
-            "profile (--profile / SKYREELS_PROFILE) or fewer frames"
+            f"the GPU ran out of memory during generation{current}; start the server with a "
+            "lower-memory profile (--profile / SKYREELS_PROFILE, see configs/)"
         )
     return TaskCode.EXECUTION_FAILED, f"generation failed: {exc.__class__.__name__}: {exc}"
+
+
+def release_gpu_memory() -> None:
+    gc.collect()
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class JobLogTag(logging.Filter):
+    """Adds `job` to every log record: ` [prediction <id>]` while this worker runs that job, so
+    that lines from the engine and libraries, which do not know the job, still name it (lines
+    that already carry the id are left as they are)."""
+
+    current: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        job_id = JobLogTag.current
+        record.job = f" [prediction {job_id}]" if job_id and job_id not in record.getMessage() else ""
+        return True
 
 
 def _die_with_parent() -> None:
@@ -250,9 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
-        format=f"%(asctime)s %(levelname)s worker[{args.id}] %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s worker[{args.id}]%(job)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(JobLogTag())
     _die_with_parent()
     settings = Settings(**json.loads(args.config_json))
     worker = GpuWorker(settings, worker_id=args.id, device=args.device or None)

@@ -121,13 +121,14 @@ def start_server(
     return RunningServer(f"http://127.0.0.1:{port}", api_key, data_dir, log_path, process)
 
 
-def wait_ready(server: RunningServer, timeout: float = 240.0) -> None:
+def wait_ready(server: RunningServer, timeout: float = 240.0, *, path: str = "/ready") -> None:
+    """Until `path` answers 200 (`/health` for a server without workers, which is never ready)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise AssertionError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
         try:
-            if httpx.get(server.base_url + "/ready", timeout=2).status_code == 200:
+            if httpx.get(server.base_url + path, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -147,10 +148,10 @@ def stop_server(server: RunningServer, *, sig: int = signal.SIGTERM, timeout: fl
 
 
 @contextmanager
-def running_server(data_dir: Path, **kwargs: Any) -> Iterator[RunningServer]:
+def running_server(data_dir: Path, *, ready_path: str = "/ready", **kwargs: Any) -> Iterator[RunningServer]:
     server = start_server(data_dir, **kwargs)
     try:
-        wait_ready(server)
+        wait_ready(server, path=ready_path)
         yield server
     finally:
         stop_server(server)
@@ -172,12 +173,20 @@ class Received:
 @dataclass
 class LocalSite:
     """GET <url>/<name> serves `files[name]`, GET <url>/redirect?to=<url> redirects, /loop redirects forever, anything
-    else is 404; POST records the request and answers the next of `post_statuses` (then 200)."""
+    else is 404; POST records the request and answers the next of `post_statuses` (then 200).
+
+    Misbehaviour on demand: `declared_length[name]` announces more bytes than are sent (a cut-off
+    download); `drip_s[name]` sends the file in 100-byte pieces that far apart (a slow server);
+    `post_delays[path]` (else `post_delay_s`) holds a POST that long before answering (a hanging
+    webhook receiver)."""
 
     files: dict[str, bytes] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     post_statuses: list[int] = field(default_factory=list)
     post_delay_s: float = 0.0
+    post_delays: dict[str, float] = field(default_factory=dict)
+    declared_length: dict[str, int] = field(default_factory=dict)
+    drip_s: dict[str, float] = field(default_factory=dict)
     url: str = ""
 
     def wait_for(self, count: int, timeout: float = 60.0) -> list[Received]:
@@ -201,13 +210,23 @@ def local_site() -> Iterator[LocalSite]:
             parts = urlsplit(self.path)
             name = parts.path.lstrip("/")
             if name in site.files:
+                data = site.files[name]
                 self.send_response(200)
                 self.send_header(
                     "Content-Type", "application/octet-stream"
                 )  # content is sniffed, not trusted
-                self.send_header("Content-Length", str(len(site.files[name])))
+                self.send_header("Content-Length", str(site.declared_length.get(name, len(data))))
                 self.end_headers()
-                self.wfile.write(site.files[name])
+                if name in site.drip_s:
+                    try:
+                        for start in range(0, len(data), 100):
+                            self.wfile.write(data[start : start + 100])
+                            self.wfile.flush()
+                            time.sleep(site.drip_s[name])
+                    except OSError:  # the client gave up
+                        pass
+                else:
+                    self.wfile.write(data)
             elif name in ("redirect", "loop"):  # /redirect?to=<url>; /loop redirects to itself
                 self.send_response(302)
                 self.send_header(
@@ -220,10 +239,11 @@ def local_site() -> Iterator[LocalSite]:
 
         def do_POST(self) -> None:  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if site.post_delay_s:
-                time.sleep(site.post_delay_s)
+            site.received.append(Received(self.path, dict(self.headers.items()), body))  # on arrival
+            delay = site.post_delays.get(urlsplit(self.path).path, site.post_delay_s)
+            if delay:
+                time.sleep(delay)
             status = site.post_statuses.pop(0) if site.post_statuses else 200
-            site.received.append(Received(self.path, dict(self.headers.items()), body))
             self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()

@@ -1,14 +1,21 @@
 """An engine factory for API tests (`SKYREELS_ENGINE_FACTORY=slow_engine:build_engine`): the real
 tiny-random engine, slowed down after every denoising step, so that a test can watch progress,
-queue positions and cancellation of a job that is really running."""
+queue positions and cancellation of a job that is really running.
+
+Faults on demand, chosen by a marker in the prompt, so one server can run good and bad jobs:
+`[hang]` makes the first denoising step never return (deaf to cancellation, as a stuck GPU call
+would be); `[oom]` raises torch's CUDA out-of-memory error from the first step."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
 STEP_DELAY_S = float(os.environ.get("SKYREELS_TEST_STEP_DELAY_S", "0.25"))
+HANG = "[hang]"
+OOM = "[oom]"
 
 
 class SlowEngine:
@@ -20,6 +27,14 @@ class SlowEngine:
 
     def generate(self, request: Any, *, on_progress: Any = None, should_cancel: Any = None) -> Any:
         def slow_progress(progress: Any) -> None:
+            if HANG in request.prompt:
+                threading.Event().wait()
+            if OOM in request.prompt:
+                import torch
+
+                raise torch.cuda.OutOfMemoryError(
+                    "CUDA out of memory. Tried to allocate 20.00 GiB (test engine)"
+                )
             time.sleep(self.delay_s)
             if on_progress is not None:
                 on_progress(progress)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
 
 import pytest
 from api_server import MODEL_PATH, data_uri, server_env
@@ -121,3 +123,39 @@ def test_api_keys_semantics(tmp_path):
     assert not keys.check("") and not keys.check("ab") and not keys.check("A")
     with pytest.raises(FileNotFoundError):
         ApiKeys([], tmp_path / "missing.txt")
+
+
+def test_the_retention_sweep_removes_old_predictions_uploads_and_their_files(tmp_path):
+    with app_client(tmp_path, retention_days=7, api_keys=["k"]) as client:
+        services = client.app.state.services
+        store, now = services.store, time.time()
+        kept = {}
+        for label, created in (("old", now - 8 * 86400), ("recent", now - 6 * 86400)):
+            job_id = uuid.uuid4().hex
+            store.create(id=job_id, model="m", input={}, params={}, seed=1, base_url="http://s", now=created)
+            store.claim_next("w0", label, now=created)
+            store.complete(
+                job_id, label, outputs=[f"{job_id}.mp4"], execution_ms=1, inference_ms=1, now=created
+            )
+            (services.paths.outputs / f"{job_id}.mp4").write_bytes(b"video")
+            upload = store.create_upload(
+                id=uuid.uuid4().hex, filename="in.png", content_type="image/png", size=3, now=created
+            )
+            services.uploads.file(upload).parent.mkdir(parents=True)
+            services.uploads.file(upload).write_bytes(b"png")
+            kept[label] = (job_id, upload)
+        services.sweep()
+        headers = {"Authorization": "Bearer k"}
+        old_job, old_upload = kept["old"]
+        recent_job, recent_upload = kept["recent"]
+        assert client.get(f"/api/v3/predictions/{old_job}", headers=headers).status_code == 404
+        assert not (services.paths.outputs / f"{old_job}.mp4").exists()
+        assert (
+            store.get_upload(old_upload.id) is None and not services.uploads.file(old_upload).parent.exists()
+        )
+        assert (
+            client.get(f"/api/v3/predictions/{recent_job}", headers=headers).json()["data"]["status"]
+            == "completed"
+        )
+        assert (services.paths.outputs / f"{recent_job}.mp4").read_bytes() == b"video"
+        assert services.uploads.file(recent_upload).read_bytes() == b"png"

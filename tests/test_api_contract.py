@@ -225,6 +225,9 @@ def test_output_downloads_as_an_mp4_that_decodes(server, tmp_path):
     frames, fps = read_mp4(path)
     assert frames.shape == (TINY_FRAMES, 32, 64, 3)
     assert fps == 24
+    head = httpx.head(done["outputs"][0])  # HEAD too (players probe with it), same headers, no body
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(response.content))
 
 
 def test_both_result_gets_accept_json_content_type_with_an_empty_body(server, client):

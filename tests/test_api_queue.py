@@ -153,6 +153,7 @@ def test_a_worker_killed_mid_job_is_restarted_and_the_job_runs_again(server, cli
     old_pid = httpx.get(server.base_url + "/ready").json()["data"]["workers"][0]["pid"]
     job = server.submit(body(8))
     server.wait(job["id"], statuses=("processing",), timeout=60)
+    behind = server.submit(body(1))  # accepted while the worker is busy, then dies
     os.kill(old_pid, signal.SIGKILL)
     # The API keeps answering while the worker is dead and reloading; the job waits, then reruns.
     seen = set()
@@ -163,6 +164,9 @@ def test_a_worker_killed_mid_job_is_restarted_and_the_job_runs_again(server, cli
         assert time.monotonic() < deadline, "the job never completed after the worker was killed"
         time.sleep(0.1)
     assert "created" in seen  # it went back to the queue
+    assert server.wait(behind["id"], timeout=60)["status"] == "completed"
+    for done in (job, behind):  # every accepted job has its row and its file
+        assert (server.data_dir / "outputs" / f"{done['id']}.mp4").stat().st_size > 0
     ready = httpx.get(server.base_url + "/ready").json()["data"]
     assert ready["ready"] and ready["workers"][0]["pid"] != old_pid
     metrics = httpx.get(server.base_url + "/metrics").text

@@ -74,8 +74,9 @@ def test_kill_9_of_the_server_restart_then_sigterm(tmp_path):
             assert site.received[-1].json()["id"] == finished["id"]
 
             # SIGTERM: the running job goes back to the queue and the server exits promptly.
-            running = second.submit(body(40))  # ~10 s or more
+            running = second.submit(body(16))  # ~4 s or more
             second.wait(running["id"], statuses=("processing",))
+            queued = second.submit(body(1))
             stopping = time.monotonic()
         finally:
             code = stop_server(second)
@@ -87,3 +88,22 @@ def test_kill_9_of_the_server_restart_then_sigterm(tmp_path):
         assert store.get(interrupted["id"]).attempts == 2  # started once by each server
         handed_back = store.get(running["id"])
         assert handed_back.status == JobStatus.CREATED and handed_back.attempts == 0
+        assert store.get(queued["id"]).status == JobStatus.CREATED
+        store.close()
+
+        # A third life (full speed) runs what SIGTERM handed back: every accepted job is terminal.
+        third = start_server(data_dir, args=args, port=port)
+        try:
+            wait_ready(third)
+            for job in (running, queued):
+                assert third.wait(job["id"], timeout=60)["status"] == "completed"
+        finally:
+            stop_server(third)
+    accepted = [finished, interrupted, waiting, running, queued]
+    store = JobStore(data_dir / "jobs.sqlite3")
+    assert {job.id: job.status for job in store.history(page_size=100)[0]} == {
+        job["id"]: JobStatus.COMPLETED for job in accepted
+    }
+    assert sorted(p.name for p in (data_dir / "outputs").iterdir()) == sorted(
+        f"{j['id']}.mp4" for j in accepted
+    )

@@ -245,3 +245,30 @@ def test_workers_register_heartbeat_and_update(store):
     assert store.workers()[0].state == "busy" and store.workers()[0].job_id == job_id
     with pytest.raises(ValueError):
         store.update_worker("w0", secret="x")
+
+
+def test_step_totals_count_only_recorded_completions_and_survive_retention(store):
+    first, second, stale = add(store), add(store), add(store)
+    store.claim_next("w0", "c1")
+    assert store.complete(first, "c1", outputs=[], execution_ms=1, inference_ms=1, steps=30, denoise_s=12.5)
+    store.claim_next("w0", "c2")
+    assert store.complete(second, "c2", outputs=[], execution_ms=1, inference_ms=1, steps=10, denoise_s=2.5)
+    store.claim_next("w0", "c3")
+    assert not store.complete(
+        stale, "other", outputs=[], execution_ms=1, inference_ms=1, steps=99, denoise_s=9
+    )
+    assert store.counters() == {"denoise_steps": 40.0, "denoise_seconds": 15.0}
+    store.expire(before=float("inf"))  # the rows go, the totals stay (Prometheus counters never drop)
+    assert store.get(first) is None
+    assert store.counters() == {"denoise_steps": 40.0, "denoise_seconds": 15.0}
+
+
+def test_overdue_jobs_are_the_running_ones_claimed_before_the_cutoff(store):
+    old, recent, waiting = add(store), add(store), add(store)
+    store.claim_next("w0", "c-old", now=1000.0)
+    store.claim_next("w1", "c-recent", now=2000.0)
+    assert [j.id for j in store.overdue_jobs(started_before=1500.0)] == [old]
+    assert {j.id for j in store.overdue_jobs(started_before=2500.0)} == {old, recent}
+    assert store.get(waiting).status == JobStatus.CREATED
+    overdue = store.overdue_jobs(started_before=1500.0)[0]
+    assert (overdue.worker_id, overdue.claim) == ("w0", "c-old")

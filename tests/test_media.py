@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import ipaddress
+import random
+import socket
+import time
 
 import pytest
 from api_server import local_site, png_bytes
@@ -204,3 +207,80 @@ def test_sniffing_ignores_the_claimed_type(tmp_path):
     Image.new("RGB", (8, 8)).save(buffer, "JPEG")
     path.write_bytes(buffer.getvalue())
     assert sniff_image(path) == ("image/jpeg", 8, 8)
+
+
+# --- issue 4: SSRF by name, the allow-list by name, and broken or hostile inputs ---------------
+
+
+def test_a_dns_name_that_resolves_to_loopback_is_refused_and_a_named_allow_list_admits_it(uploads):
+    # `localhost` is a real DNS name resolved by the system resolver (no hosts-file edits, no
+    # network): it resolves to loopback, so it is refused unless allowed by name or by CIDR.
+    with local_site() as site:
+        site.files["ok.png"] = png_bytes(40, 30)
+        by_name = site.url.replace("127.0.0.1", "localhost") + "/ok.png"
+        with pytest.raises(BlockedAddressError, match="'localhost' resolves to .*loopback"):
+            fetcher(uploads).fetch(by_name)
+        assert fetcher(uploads, allow=["localhost"]).fetch(by_name).size == (40, 30)
+        # Allowing one name allows nothing else on the same address.
+        with pytest.raises(BlockedAddressError, match="'127.0.0.1' resolves to 127.0.0.1, a loopback"):
+            fetcher(uploads, allow=["localhost"]).fetch(f"{site.url}/ok.png")
+        # ... and a redirect from the allowed name to a private address is refused on that hop.
+        with pytest.raises(BlockedAddressError, match="private-network address"):
+            fetcher(uploads, allow=["localhost"]).fetch(
+                site.url.replace("127.0.0.1", "localhost") + "/redirect?to=http://10.0.0.1/x.png"
+            )
+
+
+def test_truncated_and_slow_downloads_fail_clearly(uploads):
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (100, 50), random.Random(0).randbytes(100 * 50 * 3)).save(buffer, "PNG")
+    whole = buffer.getvalue()  # ~15 KB that do not compress away
+    assert len(whole) > 5000
+    with local_site() as site:
+        site.files["cut.png"] = whole[: len(whole) // 2]  # a whole response of half a PNG
+        site.files["short.png"] = whole[:300]
+        site.declared_length["short.png"] = len(whole)  # the connection closes early
+        site.files["slow.png"] = whole
+        site.drip_s["slow.png"] = 0.2  # 100 bytes every 0.2 s: many seconds in all
+        allowed = fetcher(uploads, allow=["127.0.0.1"], timeout_s=1.0)
+        with pytest.raises(MediaError, match="'http://127.0.0.1:.*/cut.png' is not a readable image"):
+            allowed.fetch(f"{site.url}/cut.png")
+        with pytest.raises(MediaError, match="cannot download image .*short.png.*RemoteProtocolError"):
+            allowed.fetch(f"{site.url}/short.png")
+        started = time.monotonic()
+        with pytest.raises(MediaError, match=r"slow.png' took longer than 1s|slow.png' timed out after 1s"):
+            allowed.fetch(f"{site.url}/slow.png")
+        assert time.monotonic() - started < 3.0
+
+
+def test_a_decompression_bomb_download_is_refused_before_decoding(uploads):
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, "PNG")  # 81 MP in a few KB
+    with local_site() as site:
+        site.files["bomb.png"] = bomb.getvalue()
+        with pytest.raises(MediaError, match="9000x9000 pixels, more than the 64,000,000 allowed"):
+            fetcher(uploads, allow=["127.0.0.1"]).fetch(f"{site.url}/bomb.png")
+        with pytest.raises(MediaError, match="9000x9000 pixels"):
+            fetcher(uploads).fetch("data:image/png;base64," + base64.b64encode(bomb.getvalue()).decode())
+
+
+def test_connections_try_every_allowed_address_of_a_name(monkeypatch, uploads):
+    # A dual-stack name whose first address refuses the connection (as `localhost` -> ::1 does
+    # for a server that listens on 127.0.0.1 only) is reached on its next address.
+    real = socket.getaddrinfo
+
+    def two_addresses(host, port, *args, **kwargs):
+        if host == "images.studio.test":
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.9", port)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+            ]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    with local_site() as site:
+        site.files["ok.png"] = png_bytes(20, 10)
+        url = site.url.replace("127.0.0.1", "images.studio.test") + "/ok.png"
+        assert fetcher(uploads, allow=["images.studio.test"]).fetch(url).size == (20, 10)
+        with pytest.raises(BlockedAddressError, match="'images.studio.test' resolves to 127.0.0.9"):
+            fetcher(uploads, allow=["127.0.0.1"]).fetch(url)  # one refused address refuses the name

@@ -127,3 +127,34 @@ def test_the_dispatcher_thread_delivers_from_the_outbox(store):
             assert received.json() == {"id": job_id}
         finally:
             hooks.stop()
+
+
+def test_the_backoff_base_is_a_setting():
+    assert [backoff_s(n, 0.25) for n in (1, 2, 3)] == [0.25, 0.5, 1.0]
+    assert backoff_s(40, 0.25) == 600.0
+
+
+def test_the_dispatcher_leases_only_what_it_can_send_at_once(store):
+    # Rows wait unleased in the outbox while every slot is held by a hanging receiver, so a long
+    # backlog can never outlive its lease and be delivered twice.
+    with local_site() as site:
+        site.post_delays["/hang"] = 3.0
+        hooks = dispatcher(store, timeout_s=1.0, concurrency=2)
+        hooks.poll_s = 0.05
+        for _ in range(4):
+            finished_job(store, f"{site.url}/hang")
+        hooks.start()
+        try:
+            site.wait_for(2, timeout=5)
+            time.sleep(0.3)
+            assert len(site.received) == 2
+            leased = (
+                store._conn()
+                .execute("SELECT COUNT(*) FROM webhooks WHERE next_attempt_at > ?", (time.time(),))
+                .fetchone()[0]
+            )
+            assert leased == 2
+            site.wait_for(4, timeout=5)  # the 1 s timeout frees the slots for the other two
+            assert len({r.headers["webhook-id"] for r in site.received}) == 4
+        finally:
+            hooks.stop()

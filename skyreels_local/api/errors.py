@@ -17,11 +17,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import SkyreelsError, TaskCode
+from ..errors import DiskFullError, SkyreelsError, TaskCode
 from ..jobs import QueueFullError
 from ..media import PayloadTooLargeError
 
 log = logging.getLogger(__name__)
+
+DISK_FULL_RETRY_AFTER_S = 60
 
 
 class NotFoundError(SkyreelsError):
@@ -68,8 +70,11 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, QueueFullError):
             headers = {"Retry-After": str(exc.retry_after_s)}
-        status = exc.http_status if exc.http_status < 500 else 500
-        message = exc.message if status < 500 else "internal server error"
+        if isinstance(exc, DiskFullError):
+            headers = {"Retry-After": str(DISK_FULL_RETRY_AFTER_S)}
+        # 503 says what is unavailable (e.g. a full disk); other 5xx never show their message.
+        status = exc.http_status if exc.http_status < 500 or exc.http_status == 503 else 500
+        message = exc.message if status != 500 else "internal server error"
         if status >= 500:
             log.error("request failed: %s", exc.message)
         return error_response(status, message, headers)

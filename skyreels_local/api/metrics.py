@@ -44,6 +44,11 @@ class ServerCollector(Collector):
             "skyreels_generation_seconds", "Time from start to result of completed predictions",
             count_value=count, sum_value=seconds,
         )  # fmt: skip
+        counters = store.counters()
+        yield SummaryMetricFamily(
+            "skyreels_step_seconds", "Denoising steps of completed predictions and the seconds they took",
+            count_value=counters.get("denoise_steps", 0.0), sum_value=counters.get("denoise_seconds", 0.0),
+        )  # fmt: skip
         hooks = store.webhook_counts()
         deliveries = CounterMetricFamily(
             "skyreels_webhooks", "Webhooks delivered, and given up after the retry window", labels=["outcome"]

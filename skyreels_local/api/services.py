@@ -118,6 +118,7 @@ class Services:
             policy=self.policy,
             timeout_s=settings.webhook_timeout_s,
             retry_window_s=settings.webhook_retry_window_s,
+            backoff_base_s=settings.webhook_backoff_s,
         )
         self.sweeper = Periodic(SWEEP_EVERY_S, self.sweep, "retention-sweep")
 

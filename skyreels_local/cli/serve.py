@@ -65,6 +65,26 @@ _FLAGS: list[tuple[str, str, dict]] = [
     ),
     ("--webhook-secret", "webhook_secret", {"help": "webhook signing secret (default: generated and kept)"}),
     ("--max-attempts", "max_attempts", {"type": int, "help": "starts of an interrupted job before it fails"}),
+    (
+        "--job-timeout-s",
+        "job_timeout_s",
+        {"type": float, "help": "a job running longer fails (code 5004) and its worker is restarted"},
+    ),
+    (
+        "--webhook-timeout-s",
+        "webhook_timeout_s",
+        {"type": float, "help": "time a webhook receiver gets to answer"},
+    ),
+    (
+        "--webhook-backoff-s",
+        "webhook_backoff_s",
+        {"type": float, "help": "first webhook retry delay (doubles per failure, at most 10 min)"},
+    ),
+    (
+        "--webhook-retry-window-s",
+        "webhook_retry_window_s",
+        {"type": float, "help": "undelivered webhooks are retried this long"},
+    ),
 ]
 
 

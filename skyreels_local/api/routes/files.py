@@ -30,7 +30,10 @@ def _authorize(services: ServicesDep, method: str, path: str, expires: str, sign
         raise ForbiddenError("the URL's signature is invalid or has expired")
 
 
-@router.api_route("/files/outputs/{name}", methods=["GET", "HEAD"], summary="An output video (signed URL)")
+# HEAD is served too but left out of the schema: one route for both methods would give the two
+# operations the same OpenAPI operationId.
+@router.head("/files/outputs/{name}", include_in_schema=False)
+@router.get("/files/outputs/{name}", summary="An output video (signed URL)")
 def output_file(
     name: str, services: ServicesDep, expires: Expires = "", signature: Signature = ""
 ) -> FileResponse:
@@ -48,9 +51,8 @@ def _upload(services: ServicesDep, upload_id: str, filename: str) -> Upload:
     return upload
 
 
-@router.api_route(
-    "/files/uploads/{upload_id}/{filename}", methods=["GET", "HEAD"], summary="An uploaded image (signed URL)"
-)
+@router.head("/files/uploads/{upload_id}/{filename}", include_in_schema=False)
+@router.get("/files/uploads/{upload_id}/{filename}", summary="An uploaded image (signed URL)")
 def upload_file(
     upload_id: str, filename: str, services: ServicesDep, expires: Expires = "", signature: Signature = ""
 ) -> FileResponse:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from ...errors import DiskFullError, is_disk_full
 from ...media import PayloadTooLargeError
 from ...schemas import Envelope, UploadedFile, UploadInstruction, UploadTicket, UploadTicketRequest
 from ..deps import Authenticated, BaseUrlDep, ServicesDep
@@ -66,7 +68,10 @@ async def _chunks(file: UploadFile) -> Any:
 async def store_upload(services: ServicesDep, upload: Any, chunks: Any) -> int:
     """Stream chunks to a temporary file under the cap, then sniff and publish it."""
     uploads = services.uploads
-    tmp, handle = uploads.open_writer(upload)
+    try:
+        tmp, handle = uploads.open_writer(upload)
+    except OSError as exc:
+        raise _storage_error(exc) from exc
     size = 0
     try:
         async for chunk in chunks:
@@ -76,7 +81,18 @@ async def store_upload(services: ServicesDep, upload: Any, chunks: Any) -> int:
             handle.write(chunk)
         handle.close()
         await run_in_threadpool(uploads.finish, upload, tmp, size)
+    except OSError as exc:
+        raise _storage_error(exc) from exc
     finally:
-        handle.close()
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            handle.close()
         tmp.unlink(missing_ok=True)
     return size
+
+
+def _storage_error(exc: OSError) -> Exception:
+    if is_disk_full(exc):
+        return DiskFullError(
+            "the server's disk is full, so the upload cannot be stored; retry once space is freed"
+        )
+    return exc
