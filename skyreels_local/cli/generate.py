@@ -107,9 +107,6 @@ def read_image(source: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.engine import Progress
-    from ..engine.tiny import TINY_MODEL_NAME
-
     if args.out.suffix.lower() != ".mp4":
         raise InvalidInputError("--out", str(args.out), "must end in .mp4")
     # Validate everything cheap before the (possibly minutes-long) model load.
@@ -127,13 +124,16 @@ def run(args: argparse.Namespace) -> int:
         num_frames=args.num_frames,
     )
     request.validate()
-    if args.model == TINY_MODEL_NAME:
-        print("note: tiny-random is a DEMO model with random weights; its videos are noise", file=sys.stderr)
 
+    # torch and diffusers load only now, so that bad input fails in well under a second.
+    from ..engine.engine import Progress
     from ..engine.loader import load_engine
     from ..engine.presets import PresetOptions
+    from ..engine.tiny import TINY_MODEL_NAME
     from ..video import write_mp4
 
+    if args.model == TINY_MODEL_NAME:
+        print("note: tiny-random is a DEMO model with random weights; its videos are noise", file=sys.stderr)
     options = PresetOptions(
         attention=args.attention,
         cache_threshold=args.turbo_threshold,
