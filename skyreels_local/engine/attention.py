@@ -32,10 +32,6 @@ from ..errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
-# Preference order when nothing is measured: FlashAttention-3 is the fastest published bf16 kernel
-# at head dim 128 on Hopper (648 TFLOP/s vs cuDNN's 595, PERFORMANCE.md); cuDNN SDPA is what a
-# stock torch build has; "native" is PyTorch's SDPA with its own kernel choice (always works).
-EXACT_BACKENDS = ("_flash_3", "flash", "_native_cudnn", "xformers", "native")
 # 8-bit attention (changes the output): only for presets that may change it.
 APPROXIMATE_BACKENDS = ("sage",)
 AUTO = "auto"
@@ -125,7 +121,12 @@ def detect_environment(device: torch.device | str) -> AttentionEnvironment:
 
 
 def candidate_backends(env: AttentionEnvironment, *, allow_approximate: bool) -> list[str]:
-    """Dispatcher backends usable in `env`, best first by published speed."""
+    """Dispatcher backends usable in `env`, best first by published speed.
+
+    FlashAttention-3 is the fastest published bf16 kernel at head dim 128 on Hopper (648 TFLOP/s vs
+    cuDNN's 595, PERFORMANCE.md); cuDNN SDPA is what a stock torch build has; "native" is PyTorch's
+    SDPA with its own kernel choice (always works). The probe at load then measures the order.
+    """
     if env.device_type != "cuda":
         return ["native"]
     capability = env.capability or (0, 0)

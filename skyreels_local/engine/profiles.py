@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 PROFILE_SUFFIXES = (".toml", ".json", ".yaml", ".yml")
 AUTO = "auto"
-CPU_PROFILE = "cpu"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 GIB = 1024**3
 
