@@ -303,7 +303,7 @@ def describe_failure(exc: Exception, *, profile: str = "") -> tuple[int, str]:
         current = f" with memory profile {profile!r}" if profile else ""
         return TaskCode.EXECUTION_FAILED, (
             f"the GPU ran out of memory during generation{current}; start the server with a "
-            "lower-memory profile (--profile / SKYREELS_PROFILE, see configs/)"
+            "lower-memory profile (--profile / SKYREELS_PROFILE, see `skyreels-local serve --help`)"
         )
     return TaskCode.EXECUTION_FAILED, f"generation failed: {exc.__class__.__name__}: {exc}"
 

@@ -97,7 +97,7 @@ def test_a_cuda_out_of_memory_fails_only_its_own_job(server):
     assert oom["status"] == "failed" and oom["code"] == 1403
     assert oom["error"] == (
         "the GPU ran out of memory during generation with memory profile 'cpu'; start the server "
-        "with a lower-memory profile (--profile / SKYREELS_PROFILE, see configs/)"
+        "with a lower-memory profile (--profile / SKYREELS_PROFILE, see `skyreels-local serve --help`)"
     )
     after = server.wait(server.submit(body())["id"])
     assert after["status"] == "completed"

@@ -80,7 +80,7 @@ def test_every_copied_path_exists_and_is_in_the_build_context(stages):
         assert (ROOT / src).exists(), f"COPY {src}: no such path in the repository"
         assert not ignored(src, patterns), f"COPY {src}: excluded by .dockerignore"
     # What the image needs at run time is really there.
-    assert (ROOT / "configs" / "profiles" / "24gb.toml").is_file()
+    assert (ROOT / "skyreels_local" / "profiles" / "24gb.toml").is_file()  # package data, in the wheel
     assert (ROOT / "scripts" / "gpu_check.py").is_file()
 
 

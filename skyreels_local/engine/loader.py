@@ -127,7 +127,7 @@ def load_engine(
     preset_options: PresetOptions | None = None,
 ) -> Engine:
     """`model` is `tiny-random` or a path to a weights directory; `profile` is `auto`, a memory
-    profile name from configs/profiles or a profile file (profiles.py); `preset` a speed preset
+    built-in profile name (skyreels_local/profiles) or a profile file (profiles.py); `preset` a speed preset
     (presets.py), applied after the profile has placed the pipeline on its device."""
     validate_preset(preset)  # before the (minutes-long) load
     force_offline()

@@ -1,6 +1,6 @@
 """GPU memory profiles: where each component lives and in which storage dtype.
 
-A profile is a small file in `configs/profiles/` (TOML, JSON or YAML) that says, per component:
+A profile is a small file in `skyreels_local/profiles/` (TOML, JSON or YAML; package data) that says, per component:
 
 - transformer: `resident` on the GPU, `group-offload` (blocks stream in from pinned host memory on
   a side CUDA stream while the previous block computes) or `sequential-offload` (accelerate's
@@ -31,18 +31,18 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from ..errors import InvalidInputError
+from .profile_names import AUTO, PROFILE_SUFFIXES, builtin_profiles_dir, profile_files
 from .prompts import FreedTextEncoders, OffloadedTextEncoders, ResidentTextEncoders, TextEncoderResidency
 
 log = logging.getLogger(__name__)
 
-PROFILE_SUFFIXES = (".toml", ".json", ".yaml", ".yml")
-AUTO = "auto"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 GIB = 1024**3
 
@@ -195,25 +195,18 @@ def _check_value(hint: Any, value: Any, where: str) -> Any:
 # --- finding and reading profiles ----------------------------------------------------------------
 
 
-def default_profiles_dir() -> Path:
-    """`configs/profiles/` of the source tree (editable installs, the Docker image's /app), else of
-    the working directory."""
-    candidates = [
-        Path(__file__).resolve().parents[2] / "configs" / "profiles",
-        Path.cwd() / "configs" / "profiles",
-    ]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    return candidates[-1]
+def default_profiles_dir() -> Traversable:
+    """The built-in profiles, shipped inside the package (profile_names.py)."""
+    return builtin_profiles_dir()
 
 
-def read_profile_file(path: Path) -> Profile:
+def read_profile_file(path: Path | Traversable) -> Profile:
+    suffix, stem = Path(path.name).suffix, Path(path.name).stem
     try:
         text = path.read_text()
-        if path.suffix == ".toml":
+        if suffix == ".toml":
             data = tomllib.loads(text)
-        elif path.suffix == ".json":
+        elif suffix == ".json":
             data = json.loads(text)
         else:
             import yaml  # PyYAML comes with huggingface_hub
@@ -223,20 +216,18 @@ def read_profile_file(path: Path) -> Profile:
         raise InvalidInputError("profile", str(path), f"must be a readable profile file ({exc})") from exc
     if not isinstance(data, dict):
         raise InvalidInputError("profile", str(path), "must hold a table/object of profile settings")
-    data.setdefault("name", path.stem)
+    data.setdefault("name", stem)
     try:
         return Profile.from_dict(data)
     except ValueError as exc:
         raise InvalidInputError("profile", str(path), f"must be a valid profile ({exc})") from exc
 
 
-def load_profiles(directory: Path | None = None) -> dict[str, Profile]:
-    """Every profile in `directory` (default `configs/profiles/`), by name."""
+def load_profiles(directory: Path | Traversable | None = None) -> dict[str, Profile]:
+    """Every profile in `directory` (default: the built-in ones, skyreels_local/profiles/), by name."""
     folder = directory or default_profiles_dir()
     profiles: dict[str, Profile] = {}
-    for path in sorted(folder.glob("*")) if folder.is_dir() else []:
-        if path.suffix not in PROFILE_SUFFIXES:
-            continue
+    for path in profile_files(folder):
         profile = read_profile_file(path)
         if profile.name in profiles:
             raise InvalidInputError(
@@ -244,9 +235,7 @@ def load_profiles(directory: Path | None = None) -> dict[str, Profile]:
             )
         profiles[profile.name] = profile
     if not profiles:
-        raise InvalidInputError(
-            "profile", str(folder), "directory must hold profile files (configs/profiles/*.toml)"
-        )
+        raise InvalidInputError("profile", str(folder), "directory must hold profile files (*.toml)")
     return profiles
 
 
@@ -255,7 +244,7 @@ def select_profile(profiles: dict[str, Profile], *, device_type: str, free_gib: 
     candidates = [p for p in profiles.values() if p.device == device_type]
     if not candidates:
         raise InvalidInputError(
-            "profile", AUTO, f"needs a profile for device {device_type!r} in configs/profiles"
+            "profile", AUTO, f"needs a profile for device {device_type!r} among {', '.join(sorted(profiles))}"
         )
     if device_type != "cuda" or free_gib is None:
         return min(candidates, key=lambda p: p.min_free_gib)
@@ -281,7 +270,7 @@ def free_memory_gib(device: torch.device) -> float | None:
 
 
 def resolve_profile(spec: str, device: torch.device, *, directory: Path | None = None) -> Profile:
-    """`spec` is `auto`, a profile name from configs/profiles, or a path to a profile file."""
+    """`spec` is `auto`, a built-in profile name, or a path to a profile file."""
     candidate = Path(spec).expanduser()
     if candidate.suffix in PROFILE_SUFFIXES and candidate.is_file():
         return read_profile_file(candidate)
