@@ -1,7 +1,8 @@
 """One Settings object, built once per process; the only place that reads SKYREELS_* variables.
 
-Every CLI flag has an environment twin (`--data-dir` <-> `SKYREELS_DATA_DIR`); the flag wins.
-Tests build their own Settings and pass it in.
+Every field is a CLI flag with an environment twin (`--data-dir` <-> `SKYREELS_DATA_DIR`); the
+flag wins. The flags, their help and defaults are derived from these fields (cli/settings_flags.py),
+so every field needs a `description`. Tests build their own Settings and pass it in.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .engine.preset_names import PRESETS
+
 DEFAULT_WEIGHTS_DIR = Path("weights")
+TINY_MODEL = "tiny-random"  # the built-in demo model (engine/tiny.py); importable without torch
 # A list read from one comma-separated environment variable (not JSON).
 CommaList = Annotated[list[str], NoDecode]
 
@@ -25,19 +29,38 @@ class Settings(BaseSettings):
         default=str(DEFAULT_WEIGHTS_DIR),
         description="`tiny-random` (built-in demo model, random output) or a weights directory",
     )
-    device: str | None = Field(default=None, description="torch device; default cuda when present, else cpu")
-    profile: str = Field(default="auto", description="memory profile (configs/); `auto` picks from free VRAM")
-    preset: str = Field(default="exact", description="speed preset: exact | fp8 | turbo | stock")
+    device: str | None = Field(
+        default=None,
+        description="torch device, e.g. cpu, cuda, cuda:1 (serve: pins one worker to it); "
+        "default: cuda when present (serve: one worker per GPU), else cpu",
+    )
+    profile: str = Field(
+        default="auto",
+        description="memory profile: auto (picked from free VRAM), a built-in one (80gb, 48gb, 24gb, "
+        "sequential, cpu) or a profile file",
+    )
+    preset: str = Field(
+        default="exact",
+        description="speed preset: stock (diffusers as shipped), exact (same output, faster), fp8 (GPU "
+        "cc>=8.9, slightly different output), turbo (step caching: fastest, output changes)",
+        json_schema_extra={"choices": PRESETS},
+    )
     attention: str = Field(
-        default="auto", description="attention backend for the fast presets, or auto (probe)"
+        default="auto",
+        description="attention backend for the fast presets: auto (probe the installed kernels) or a "
+        "diffusers backend name such as _native_cudnn, _flash_3, sage",
     )
     turbo_threshold: float = Field(
-        default=0.15, ge=0, description="turbo preset's First Block Cache threshold"
+        default=0.15, ge=0, description="turbo's First Block Cache threshold: higher reuses more steps"
     )
 
     # --- server ------------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on; 0 picks a free one")
+    port_file: Path | None = Field(
+        default=None,
+        description="once listening, write the bound port to this file (useful with --port 0)",
+    )
     data_dir: Path = Field(default=Path("data"), description="job table, uploads and outputs live here")
 
     # --- API server (`skyreels-local serve`) ---------------------------------------------------

@@ -10,6 +10,10 @@ A job still running after `job_timeout_s` (a step that never returns, a stuck GP
 heartbeat thread goes on beating, so only the job's age shows it) is failed with code 5004 and
 its worker is killed and restarted; the job is not retried, since a job that hung once would
 most likely hold the next worker just as long.
+
+A worker that cannot load the model (a GPU fault, a bad profile file) says why in its row of the
+worker table and exits; its reason is logged with each retry, and `load_failure()` hands it to
+/ready and to submits (503) until a worker loads. The retries back off to one a minute.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class _Managed:
     failures: int = 0
     restart_at: float = 0.0
     kill_reason: str = ""  # set when the supervisor itself killed the process
+    load_error: str = ""  # why its last start could not load the model ("" once it did, or crashed later)
 
 
 class WorkerSupervisor:
@@ -97,6 +102,7 @@ class WorkerSupervisor:
         self.log_level = log_level
         self.workers = [_Managed(spec) for spec in plan_workers(settings)]
         self.restarts = 0
+        self.retry_delay_s = MAX_RESTART_DELAY_S  # the steady retry of a worker that cannot load
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Workers need the settings but not the API keys or the webhook secret.
@@ -186,14 +192,33 @@ class WorkerSupervisor:
         # Died (or was killed by us): give its job back (or fail it), then restart with a growing
         # delay, so that a worker that cannot start does not spin.
         uptime = now - worker.started_at
-        reason = worker.kill_reason or f"exited with code {code}"
+        worker.load_error = self._load_error(worker)
+        reason = worker.kill_reason or (
+            f"could not load the model: {worker.load_error}"
+            if worker.load_error
+            else f"exited with code {code}"
+        )
         worker.failures = 1 if uptime > MAX_RESTART_DELAY_S else worker.failures + 1
-        delay = min(2.0 ** (worker.failures - 1), MAX_RESTART_DELAY_S)
+        delay = min(2.0 ** (worker.failures - 1), self.retry_delay_s)
         log.error("worker %s %s; restarting in %.0fs", worker.spec.id, reason, delay)
         self._mark_dead(worker, reason)
         worker.process = None
         worker.kill_reason = ""
         worker.restart_at = now + delay
+
+    def _load_error(self, worker: _Managed) -> str:
+        """The reason a dead worker gave for not loading the model (worker.py marks it `failed`)."""
+        for record in self.store.workers():
+            if record.id == worker.spec.id and record.state == "failed":
+                return record.error or "unknown error"
+        return ""
+
+    def load_failure(self) -> str | None:
+        """Why no worker can load the model: set while every worker's last start failed to load
+        (None once any worker is up or crashed for another reason, and with no workers at all)."""
+        if not self.workers or not all(w.load_error for w in self.workers):
+            return None
+        return self.workers[0].load_error
 
     def _heartbeat_stale(self, worker: _Managed) -> bool:
         if time.monotonic() - worker.started_at < HEARTBEAT_STALE_S:

@@ -47,6 +47,13 @@ class DataDirInUseError(SkyreelsError):
     task_code = TaskCode.SERVICE_UNAVAILABLE
 
 
+class NoWorkerCanLoadError(SkyreelsError):
+    """Every worker failed to load the model: a submit would only wait; 503 says why."""
+
+    http_status = 503
+    task_code = TaskCode.SERVICE_UNAVAILABLE
+
+
 def lock_data_dir(paths: DataPaths) -> IO[str]:
     """One server per data directory: a second one would start workers with the same ids and
     re-queue the first one's running jobs. The kernel drops the lock when the process dies."""
@@ -178,6 +185,7 @@ class Services:
     # --- predictions -------------------------------------------------------------------------
 
     def submit(self, parsed: SkyReelsInput, body: dict[str, Any], base_url: str) -> Job:
+        self._refuse_when_no_worker_can_load()
         # A seed is drawn now, not by the worker, so `data.seed` is known from the first reply.
         seed = parsed.seed if parsed.seed >= 0 else secrets.randbelow(SEED_MAX + 1)
         params = parsed.model_dump(
@@ -216,15 +224,29 @@ class Services:
                 return job
             await asyncio.sleep(min(SYNC_POLL_S, remaining))
 
+    def _refuse_when_no_worker_can_load(self) -> None:
+        failure = self.supervisor.load_failure()
+        if failure and not self._workers_up():
+            raise NoWorkerCanLoadError(
+                f"no worker can load the model: {failure}; the server retries about every "
+                f"{self.supervisor.retry_delay_s:.0f} s (see /ready)"
+            )
+
     # --- health ------------------------------------------------------------------------------
 
-    def readiness(self) -> dict[str, Any]:
+    def _workers_up(self, workers: list | None = None) -> list:
         now = time.time()
+        workers = self.store.workers() if workers is None else workers
+        return [w for w in workers if w.state in ("ready", "busy") and now - w.heartbeat_at < WORKER_FRESH_S]
+
+    def readiness(self) -> dict[str, Any]:
         workers = self.store.workers()
-        up = [w for w in workers if w.state in ("ready", "busy") and now - w.heartbeat_at < WORKER_FRESH_S]
+        up = self._workers_up(workers)
         ready_worker = up[0] if up else None
         return {
             "ready": ready_worker is not None,
+            # Why no worker can serve (a load error, retried with backoff); None when ready or loading.
+            "load_error": None if ready_worker else self.supervisor.load_failure(),
             "model": ready_worker.model if ready_worker else self.settings.model,
             "profile": ready_worker.profile if ready_worker else "",
             "preset": self.settings.preset,

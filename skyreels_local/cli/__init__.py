@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import SkyreelsError
 from . import generate
+from .settings_flags import HelpFormatter, check_environment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="skyreels-local",
         description="Self-hosted SkyReels V1 image-to-video: generate videos locally or serve the "
         "WaveSpeed v3 HTTP API.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
@@ -41,6 +43,12 @@ def _subcommands() -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        # Every command reads the SKYREELS_* variables: a bad one is reported first, in one line.
+        check_environment()
+    except SkyreelsError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..engine import bench
+from .settings_flags import HelpFormatter
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run stock diffusers and each speed preset on the same inputs in one process and "
         "report median seconds per step, effective TFLOP/s, % of the bf16 floor, peak memory and "
         "relative error against stock and against a float32 reference; writes a table and JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)

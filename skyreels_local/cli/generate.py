@@ -7,9 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import Settings
 from ..engine.images import decode_image, load_image_file
-from ..engine.preset_names import PRESETS
 from ..engine.request import (
     ASPECT_RATIOS,
     GUIDANCE_MAX,
@@ -20,17 +18,26 @@ from ..engine.request import (
 )
 from ..errors import InvalidInputError, MediaError
 from ..paths import DataPaths
+from .settings_flags import HelpFormatter, add_settings_flags, settings_from_args
+
+# The Settings fields `generate` reads, each a flag with its SKYREELS_* twin (settings_flags.py);
+# data_dir holds the torch.compile cache that the fast presets reuse.
+GENERATE_FIELDS = ("model", "device", "profile", "preset", "attention", "turbo_threshold", "data_dir")
 
 MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024
+TINY_DEMO_NOTE = (
+    "tiny-random is a DEMO model with random weights, so its videos are noise; it renders at a "
+    "fixed small size (64x32 for 16:9, 9 frames unless --num-frames) so that it runs in seconds on "
+    "a CPU. Real weights render 960x544, 97 frames."
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    settings = Settings()
     p = subparsers.add_parser(
         "generate",
         help="generate one video from an image and a prompt",
         description="Generate one image-to-video clip and write it as an H.264 MP4.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--image", required=True, help="input image: a local file path or an http(s) URL")
     p.add_argument("--prompt", required=True, help='text prompt ("FPS-24, " is prefixed unless present)')
@@ -48,40 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="override the width (multiple of 16)")
     p.add_argument("--height", type=int, default=None, help="override the height (multiple of 16)")
     p.add_argument("--num-frames", type=int, default=None, help="override the frame count (4k+1, e.g. 97)")
-    p.add_argument(
-        "--model",
-        default=settings.model,
-        help="`tiny-random` (built-in demo model: random output, runs on CPU) or a weights directory "
-        "[env SKYREELS_MODEL]",
-    )
-    p.add_argument(
-        "--device", default=settings.device, help="torch device, e.g. cuda:1 [env SKYREELS_DEVICE]"
-    )
-    p.add_argument(
-        "--profile",
-        default=settings.profile,
-        help="GPU memory profile: auto (from free VRAM), a name from configs/profiles (80gb, 48gb, 24gb, "
-        "sequential, cpu) or a profile file [env SKYREELS_PROFILE]",
-    )
-    p.add_argument(
-        "--preset",
-        default=settings.preset,
-        choices=PRESETS,
-        help="speed preset: stock (diffusers as shipped), exact (same output, faster), fp8 (GPU cc>=8.9, "
-        "slightly different output), turbo (step caching: fastest, output changes) [env SKYREELS_PRESET]",
-    )
-    p.add_argument(
-        "--attention",
-        default=settings.attention,
-        help="attention backend for the fast presets: auto (probe the installed kernels) or a diffusers "
-        "backend name such as _native_cudnn, _flash_3, sage [env SKYREELS_ATTENTION]",
-    )
-    p.add_argument(
-        "--turbo-threshold",
-        type=float,
-        default=settings.turbo_threshold,
-        help="turbo's First Block Cache threshold: higher reuses more steps [env SKYREELS_TURBO_THRESHOLD]",
-    )
+    add_settings_flags(p, GENERATE_FIELDS)
     p.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
     p.set_defaults(func=run)
 
@@ -107,6 +81,7 @@ def read_image(source: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, GENERATE_FIELDS)
     if args.out.suffix.lower() != ".mp4":
         raise InvalidInputError("--out", str(args.out), "must end in .mp4")
     # Validate everything cheap before the (possibly minutes-long) model load.
@@ -132,15 +107,19 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.tiny import TINY_MODEL_NAME
     from ..video import write_mp4
 
-    if args.model == TINY_MODEL_NAME:
-        print("note: tiny-random is a DEMO model with random weights; its videos are noise", file=sys.stderr)
+    if settings.model == TINY_MODEL_NAME:
+        print(f"note: {TINY_DEMO_NOTE}", file=sys.stderr)
     options = PresetOptions(
-        attention=args.attention,
-        cache_threshold=args.turbo_threshold,
-        compile_cache_dir=DataPaths(Settings().data_dir).compile_cache,
+        attention=settings.attention,
+        cache_threshold=settings.turbo_threshold,
+        compile_cache_dir=DataPaths(settings.data_dir).compile_cache,
     )
     engine = load_engine(
-        args.model, device=args.device, profile=args.profile, preset=args.preset, preset_options=options
+        settings.model,
+        device=settings.device,
+        profile=settings.profile,
+        preset=settings.preset,
+        preset_options=options,
     )
     bar = None if args.no_progress or not sys.stderr.isatty() and os.environ.get("CI") else _progress_bar()
 
@@ -160,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         f"done in {result.timings['total_s']:.1f}s: seed {result.seed}, "
         f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
         f"model {engine.spec.name}, profile {engine.profile}, preset {engine.preset} -> {path}"
+        + (" (tiny-random: demo size and noise, see README)" if settings.model == TINY_MODEL_NAME else "")
     )
     return 0
 

@@ -9,87 +9,23 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import sys
+import re
+import socket
 from pathlib import Path
 
-from ..config import Settings
+from ..config import TINY_MODEL, Settings
 from ..errors import SkyreelsError, TaskCode
+from .settings_flags import HelpFormatter, add_settings_flags, fields_except
+from .settings_flags import settings_from_args as settings_from_fields
 
 log = logging.getLogger(__name__)
 
-# (flag, Settings field, argparse options). Defaults stay None so that unset flags fall through
-# to the environment and then to Settings' defaults.
-_FLAGS: list[tuple[str, str, dict]] = [
-    ("--host", "host", {"help": "address to listen on"}),
-    ("--port", "port", {"type": int, "help": "port to listen on"}),
-    (
-        "--model",
-        "model",
-        {"help": "`tiny-random` (demo model: random output, runs on CPU) or a weights directory"},
-    ),
-    (
-        "--device",
-        "device",
-        {"help": "pin one worker to this torch device (e.g. cuda:1); default one per GPU"},
-    ),
-    ("--profile", "profile", {"help": "memory profile (see configs/)"}),
-    ("--preset", "preset", {"help": "speed preset: exact | fp8 | turbo | stock"}),
-    ("--data-dir", "data_dir", {"type": Path, "help": "job table, uploads and outputs live here"}),
-    ("--api-key", "api_keys", {"action": "append", "help": "an accepted API key (repeatable)"}),
-    ("--api-keys-file", "api_keys_file", {"type": Path, "help": "file with one API key per line"}),
-    (
-        "--insecure-no-auth",
-        "insecure_no_auth",
-        {"action": "store_const", "const": True, "help": "allow a non-loopback address without any API key"},
-    ),
-    ("--public-base-url", "public_base_url", {"help": "base of absolute URLs in responses"}),
-    ("--workers", "workers", {"type": int, "help": "worker processes (default: one per GPU, or 1)"}),
-    ("--sync-wait-s", "sync_wait_s", {"type": float, "help": "longest wait of an enable_sync_mode request"}),
-    ("--max-queue", "max_queue", {"type": int, "help": "waiting jobs before submit answers 429"}),
-    ("--max-upload-bytes", "max_upload_bytes", {"type": int, "help": "largest accepted upload"}),
-    ("--max-download-bytes", "max_download_bytes", {"type": int, "help": "largest input image download"}),
-    (
-        "--download-timeout-s",
-        "download_timeout_s",
-        {"type": float, "help": "time limit of one image download"},
-    ),
-    (
-        "--url-allow-list",
-        "url_allow_list",
-        {"help": "comma-separated hosts/CIDRs that image and webhook URLs may reach although not public"},
-    ),
-    (
-        "--retention-days",
-        "retention_days",
-        {"type": float, "help": "keep predictions, outputs and uploads this long"},
-    ),
-    ("--webhook-secret", "webhook_secret", {"help": "webhook signing secret (default: generated and kept)"}),
-    ("--max-attempts", "max_attempts", {"type": int, "help": "starts of an interrupted job before it fails"}),
-    (
-        "--job-timeout-s",
-        "job_timeout_s",
-        {"type": float, "help": "a job running longer fails (code 5004) and its worker is restarted"},
-    ),
-    (
-        "--webhook-timeout-s",
-        "webhook_timeout_s",
-        {"type": float, "help": "time a webhook receiver gets to answer"},
-    ),
-    (
-        "--webhook-backoff-s",
-        "webhook_backoff_s",
-        {"type": float, "help": "first webhook retry delay (doubles per failure, at most 10 min)"},
-    ),
-    (
-        "--webhook-retry-window-s",
-        "webhook_retry_window_s",
-        {"type": float, "help": "undelivered webhooks are retried this long"},
-    ),
-]
-
-
-def _env_name(field: str) -> str:
-    return "SKYREELS_" + field.upper()
+# Every Settings field is a `serve` flag (a new field gets one without touching this file), but
+# these, which the server does not read.
+SERVE_EXCLUDED_FIELDS: tuple[str, ...] = ()
+SERVE_FIELDS = fields_except(SERVE_EXCLUDED_FIELDS)
+# torch device strings the workers accept (torch.device's own syntax, checked without torch).
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu|hpu|meta)(:\d+)?")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,26 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve the WaveSpeed v3 HTTP API",
         description="Serve wavespeed-ai/SkyReels-V1 behind the WaveSpeed v3 HTTP contract. Point a WaveSpeed "
-        "client at http://HOST:PORT with one of the API keys.",
+        "client at http://HOST:PORT with one of the API keys. Every flag has a SKYREELS_* environment twin; "
+        "a flag given wins over the environment, which wins over the default.",
+        formatter_class=HelpFormatter,
     )
-    defaults = Settings.model_fields
-    for flag, field, options in _FLAGS:
-        default = defaults[field].get_default(call_default_factory=True)
-        shown = "" if default in (None, []) else f", default {default}"
-        p.add_argument(
-            flag,
-            dest=field,
-            default=None,
-            **{**options, "help": f"{options['help']} [env {_env_name(field)}{shown}]"},
-        )
+    add_settings_flags(p, SERVE_FIELDS)
     p.set_defaults(func=run)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = {
-        field: getattr(args, field) for _, field, _ in _FLAGS if getattr(args, field, None) is not None
-    }
-    return Settings(**overrides)
+    return settings_from_fields(args, SERVE_FIELDS)
 
 
 def is_loopback(host: str) -> bool:
@@ -158,29 +84,93 @@ def check_bind_policy(settings: Settings) -> None:
     )  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+def check_startup(settings: Settings) -> None:
+    """What can be known before any worker starts: refuse to serve rather than accept jobs that
+    no worker could run. A worker's own load errors (a GPU fault) show in /ready and in submits."""
+    from ..engine.preset_names import validate_preset
+    from ..engine.profile_names import validate_profile_spec
+    from ..errors import InvalidInputError
 
     try:
-        settings = settings_from_args(args)
-    except ValidationError as exc:
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
-            print(f"error: --{field.replace('_', '-')} / {_env_name(field)}: {error['msg']}", file=sys.stderr)
-        return 2
+        validate_preset(settings.preset)
+        validate_profile_spec(settings.profile)
+    except InvalidInputError as exc:
+        raise ServeConfigError(f"--{exc.field} / SKYREELS_{exc.field.upper()}: {exc.message}") from None
+    if settings.device is not None:
+        check_device(settings.device)
+    if settings.model != TINY_MODEL and not settings.engine_factory and settings.workers != 0:
+        from ..engine.weights import check_weights_dir
+        from ..errors import WeightsError
+
+        try:
+            check_weights_dir(settings.model)  # layout, sizes and headers; no hashing
+        except WeightsError as exc:
+            raise ServeConfigError(f"--model / SKYREELS_MODEL: {exc.message}") from None
+
+
+def check_device(device: str) -> None:
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise ServeConfigError(
+            f"--device / SKYREELS_DEVICE: `device` must be a torch device such as cpu, cuda or cuda:1, "
+            f"got {device!r}"
+        )
+    if device.startswith("cuda"):
+        from ..supervisor import visible_gpus
+
+        gpus = visible_gpus()
+        index = int(device.partition(":")[2] or 0)
+        if index >= len(gpus):
+            raise ServeConfigError(
+                f"--device / SKYREELS_DEVICE: `device` {device!r} names a GPU this machine does not show "
+                f"({len(gpus)} visible: CUDA_VISIBLE_DEVICES / nvidia-smi -L)"
+            )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen here, so the port is known (and reported) before uvicorn serves on it:
+    with --port 0 the kernel picks a free one, and no other process can take it meanwhile."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    return sock
+
+
+def write_port_file(path: Path, port: int) -> None:
+    # Written whole, then renamed: a reader never sees a half-written number.
+    path = path.expanduser()
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(f"{port}\n")
+    temporary.replace(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
     check_bind_policy(settings)
+    check_startup(settings)
 
     import uvicorn
 
     from ..api import create_app
 
+    sock = bind_socket(settings.host, settings.port)
+    port = sock.getsockname()[1]
     app = create_app(settings, log_level=args.log_level)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
-        port=settings.port,
+        port=port,
         log_config=None,  # keep the CLI's logging setup
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=5,  # sync-mode requests would otherwise hold a shutdown open
     )
+    log.info("listening on %s:%d", settings.host, port)
+    if settings.port_file:
+        write_port_file(Path(settings.port_file), port)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -7,30 +7,39 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import DEFAULT_WEIGHTS_DIR, Settings
+from ..config import DEFAULT_WEIGHTS_DIR, TINY_MODEL, Settings
 from ..engine.weights import CheckStatus, VerifyReport
+from .settings_flags import HelpFormatter
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 
 
+DIR_HELP = "weights folder (default: SKYREELS_MODEL when it names a folder, else weights/)"
+
+
 def _default_dir(settings: Settings) -> Path:
     # SKYREELS_MODEL names the weights folder the server loads; `tiny-random` has none.
-    return DEFAULT_WEIGHTS_DIR if settings.model == "tiny-random" else Path(settings.model)
+    return DEFAULT_WEIGHTS_DIR if settings.model == TINY_MODEL else Path(settings.model)
+
+
+def _weights_dir(args: argparse.Namespace) -> Path:
+    """--dir, else from the settings (built now, when the command runs, not with the parser)."""
+    from .settings_flags import load_settings
+
+    return args.dir if args.dir is not None else _default_dir(load_settings())
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..engine.download import BASE_REVISION, TRANSFORMER_REVISION
 
-    settings = Settings()
-    default_dir = _default_dir(settings)
     p = subparsers.add_parser(
         "weights",
         help="download, verify or import model weights",
         description="Manage the local weights folder (layout: weights/README.md).",
     )
     sub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     d = sub.add_parser(
         "download",
@@ -40,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Without network access it prints how to carry the weights in from another machine.",
         formatter_class=fmt,
     )
-    d.add_argument("--dir", type=Path, default=default_dir, help="weights folder [env SKYREELS_MODEL]")
+    d.add_argument("--dir", type=Path, default=None, help=DIR_HELP)
     d.add_argument(
         "--base-revision", default=BASE_REVISION, help="commit of hunyuanvideo-community/HunyuanVideo"
     )
@@ -68,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "1 otherwise.",
         formatter_class=fmt,
     )
-    v.add_argument("--dir", type=Path, default=default_dir, help="weights folder [env SKYREELS_MODEL]")
+    v.add_argument("--dir", type=Path, default=None, help=DIR_HELP)
     v.add_argument("--quick", action="store_true", help="sizes and headers only (skip sha256)")
     v.add_argument(
         "--write-manifest",
@@ -88,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=fmt,
     )
     i.add_argument("file", type=Path, help="the .safetensors checkpoint")
-    i.add_argument("--dir", type=Path, default=default_dir, help="weights folder [env SKYREELS_MODEL]")
+    i.add_argument("--dir", type=Path, default=None, help=DIR_HELP)
     i.add_argument(
         "--dtype",
         choices=["keep", "bf16"],
@@ -111,6 +120,7 @@ def _bytes_bar(total: int | None, desc: str):
 
 
 def run_download(args: argparse.Namespace) -> int:
+    args.dir = _weights_dir(args)
     from ..engine.download import default_sources, download_weights
 
     sources = default_sources(
@@ -137,6 +147,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    args.dir = _weights_dir(args)
     from ..engine.weights import build_manifest, find_layout_problems, list_weight_files, verify_weights_dir
     from ..engine.weights import write_manifest as save_manifest
 
@@ -184,6 +195,7 @@ def format_report(report: VerifyReport, *, show_all: bool = False) -> str:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    args.dir = _weights_dir(args)
     from ..engine.single_file import import_single_file
 
     result = import_single_file(
