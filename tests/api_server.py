@@ -12,7 +12,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,17 +26,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from PIL import Image
+from waiting import wait_until
 
 TESTS_DIR = Path(__file__).resolve().parent
 API_KEY = "test-key-0123456789"
 MODEL_PATH = "/api/v3/wavespeed-ai/SkyReels-V1"
 TERMINAL = ("completed", "failed", "cancelled")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png_bytes(width: int = 96, height: int = 72, color: tuple[int, int, int] = (0, 128, 128)) -> bytes:
@@ -75,17 +69,25 @@ class RunningServer:
         assert response.status_code == 200, response.text
         return response.json()["data"]
 
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
+
     def wait(
         self, prediction_id: str, *, statuses: tuple[str, ...] = TERMINAL, timeout: float = 120.0
     ) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            data = self.get(prediction_id)
-            if data["status"] in statuses:
-                return data
-            if time.monotonic() > deadline:
-                raise AssertionError(f"prediction {prediction_id} still {data['status']} after {timeout}s")
-            time.sleep(0.1)
+        seen: list[dict] = [{}]
+
+        def reached() -> dict | None:
+            seen[0] = self.get(prediction_id)
+            return seen[0] if seen[0]["status"] in statuses else None
+
+        return wait_until(
+            reached,
+            timeout,
+            lambda: f"prediction {prediction_id} to reach {statuses} (still {seen[0].get('status')})",
+            interval=0.1,
+        )
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -108,32 +110,45 @@ def start_server(
     api_key: str = API_KEY,
     port: int = 0,
 ) -> RunningServer:
-    port = port or free_port()
+    """Start `serve`; port 0 (the default) lets the server bind a free port, which it reports in
+    its --port-file: no window in which another process could take a port we picked."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir.parent / f"server-{data_dir.name}-{port}.log"
+    port_file = data_dir.parent / f"port-{data_dir.name}-{time.monotonic_ns()}"
+    log_path = port_file.with_name(port_file.name.replace("port-", "server-") + ".log")
     command = [
         sys.executable, "-m", "skyreels_local", "serve",
-        "--model", "tiny-random", "--device", "cpu",
-        "--port", str(port), "--data-dir", str(data_dir), "--api-key", api_key, *args,
+        "--model", "tiny-random", "--device", "cpu", "--port", str(port), "--port-file", str(port_file),
+        "--data-dir", str(data_dir), "--api-key", api_key, *args,
     ]  # fmt: skip
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(env))
-    return RunningServer(f"http://127.0.0.1:{port}", api_key, data_dir, log_path, process)
+    bound = _read_port_file(port_file, process, log_path)
+    return RunningServer(f"http://127.0.0.1:{bound or port}", api_key, data_dir, log_path, process)
+
+
+def _read_port_file(port_file: Path, process: subprocess.Popen, log_path: Path) -> int | None:
+    """The port the server bound, once it has written it; None if the server exited first (the
+    caller's wait_ready or exit-code check then reports why)."""
+
+    def written_or_exited() -> bool:
+        return port_file.is_file() or process.poll() is not None
+
+    wait_until(written_or_exited, 120, lambda: f"the server's port file:\n{log_path.read_text()[-3000:]}")
+    return int(port_file.read_text()) if port_file.is_file() else None
 
 
 def wait_ready(server: RunningServer, timeout: float = 240.0, *, path: str = "/ready") -> None:
     """Until `path` answers 200 (`/health` for a server without workers, which is never ready)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def answers_200() -> bool:
         if server.process.poll() is not None:
             raise AssertionError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
         try:
-            if httpx.get(server.base_url + path, timeout=2).status_code == 200:
-                return
+            return httpx.get(server.base_url + path, timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"server not ready after {timeout}s:\n{server.log_tail()}")
+            return False
+
+    wait_until(answers_200, timeout, lambda: f"{path} to answer 200:\n{server.log_tail()}", interval=0.25)
 
 
 def stop_server(server: RunningServer, *, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
@@ -190,12 +205,18 @@ class LocalSite:
     url: str = ""
 
     def wait_for(self, count: int, timeout: float = 60.0) -> list[Received]:
-        deadline = time.monotonic() + timeout
-        while len(self.received) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(self.received)} requests received, expected {count}")
-            time.sleep(0.05)
+        wait_until(
+            lambda: len(self.received) >= count,
+            timeout,
+            lambda: f"{count} requests (received {len(self.received)})",
+        )
         return self.received
+
+    def wait_for_path(self, path: str, timeout: float = 30.0) -> list[Received]:
+        """The requests received at `path`, once there is at least one."""
+        return wait_until(
+            lambda: [r for r in self.received if r.path == path], timeout, f"a request to {path}"
+        )
 
 
 @contextmanager

@@ -474,10 +474,7 @@ def test_webhook_is_delivered_signed_with_the_bare_prediction(server, client, si
         server.submit(body, webhook=hook) if how == "query" else server.submit({**body, "webhook_url": hook})
     )
     server.wait(data["id"])
-    deadline = time.time() + 30
-    while not [r for r in site.received if r.path == f"/hook-{how}"] and time.time() < deadline:
-        time.sleep(0.05)
-    (delivery,) = [r for r in site.received if r.path == f"/hook-{how}"]
+    (delivery,) = site.wait_for_path(f"/hook-{how}")
     headers = {k.lower(): v for k, v in delivery.headers.items()}
     assert headers["content-type"] == "application/json"
     assert headers["webhook-id"] == data["id"]
@@ -496,9 +493,6 @@ def test_webhook_is_delivered_signed_with_the_bare_prediction(server, client, si
 def test_failed_task_webhook_carries_the_code(server, site):
     data = server.submit(quick(image=f"{site.url}/missing.png"), webhook=f"{site.url}/hook-failed")
     server.wait(data["id"])
-    deadline = time.time() + 30
-    while not [r for r in site.received if r.path == "/hook-failed"] and time.time() < deadline:
-        time.sleep(0.05)
-    (delivery,) = [r for r in site.received if r.path == "/hook-failed"]
+    (delivery,) = site.wait_for_path("/hook-failed")
     payload = delivery.json()
     assert payload["status"] == "failed" and payload["code"] == 1402 and "HTTP 404" in payload["error"]

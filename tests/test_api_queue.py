@@ -13,6 +13,7 @@ import httpx
 import pytest
 import wavespeed
 from api_server import MODEL_PATH, data_uri, running_server
+from waiting import wait_until
 
 from skyreels_local.video import read_mp4
 
@@ -61,7 +62,7 @@ def test_polls_answer_in_milliseconds_while_the_worker_is_busy_and_progress_move
         latencies.append(time.perf_counter() - started)
         assert response.status_code == 200
         progress.append(response.json()["data"]["progress"])
-        time.sleep(0.1)
+        time.sleep(0.1)  # 25 samples spread over ~2.5 s of the running job
     assert response.json()["data"]["status"] == "processing"
     # Generous bounds for a loaded 2-core CI box; typically a few milliseconds.
     assert statistics.median(latencies) < 0.25, latencies
@@ -157,12 +158,14 @@ def test_a_worker_killed_mid_job_is_restarted_and_the_job_runs_again(server, cli
     os.kill(old_pid, signal.SIGKILL)
     # The API keeps answering while the worker is dead and reloading; the job waits, then reruns.
     seen = set()
-    deadline = time.monotonic() + 120
-    while (status := server.get(job["id"])["status"]) != "completed":
+
+    def completed() -> bool:
+        status = server.get(job["id"])["status"]
         seen.add(status)
-        assert status in ("processing", "created"), status
-        assert time.monotonic() < deadline, "the job never completed after the worker was killed"
-        time.sleep(0.1)
+        assert status in ("processing", "created", "completed"), status
+        return status == "completed"
+
+    wait_until(completed, 120, "the job to complete after its worker was killed", interval=0.1)
     assert "created" in seen  # it went back to the queue
     assert server.wait(behind["id"], timeout=60)["status"] == "completed"
     for done in (job, behind):  # every accepted job has its row and its file

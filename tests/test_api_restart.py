@@ -10,7 +10,8 @@ import time
 
 import httpx
 import pytest
-from api_server import data_uri, free_port, local_site, start_server, stop_server, wait_ready
+from api_server import data_uri, local_site, start_server, stop_server, wait_ready
+from waiting import wait_until
 
 from skyreels_local.jobs import JobStatus, JobStore
 from skyreels_local.video import read_mp4
@@ -23,23 +24,24 @@ def body(steps: int) -> dict:
 
 
 def pid_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def gone() -> bool:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        time.sleep(0.1)
-    return False
+        return False
+
+    return wait_until(gone, timeout, f"process {pid} to exit", interval=0.1)
 
 
 @pytest.mark.slow
 def test_kill_9_of_the_server_restart_then_sigterm(tmp_path):
-    data_dir, port = tmp_path / "data", free_port()
+    data_dir = tmp_path / "data"
     args = ["--url-allow-list", "127.0.0.1"]
     with local_site() as site:
         site.post_statuses = [500] * 50  # the receiver is down while the first server lives
-        first = start_server(data_dir, args=args, env=SLOW, port=port)
+        first = start_server(data_dir, args=args, env=SLOW)
+        port = first.port  # the next lives listen where the first did (its URLs stay good)
         try:
             wait_ready(first)
             worker_pid = httpx.get(first.base_url + "/ready").json()["data"]["workers"][0]["pid"]
@@ -67,9 +69,7 @@ def test_kill_9_of_the_server_restart_then_sigterm(tmp_path):
             video.write_bytes(httpx.get(finished["outputs"][0]).content)
             assert read_mp4(video)[0].shape == (9, 32, 64, 3)
             # the webhook owed from before the crash arrives (after its backoff)
-            deadline = time.monotonic() + 30
-            while not any(r.path == "/hook" for r in site.received[1:]) and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(lambda: len(site.received) >= 2, 30, "the owed webhook")
             assert [r.path for r in site.received] == ["/hook", "/hook"]
             assert site.received[-1].json()["id"] == finished["id"]
 

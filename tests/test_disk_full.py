@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import sqlite3
-import time
 import uuid
 
 import httpx
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from api_server import MODEL_PATH, data_uri, png_bytes, running_server
 from small_disk import fill, small_filesystem
+from waiting import wait_until
 
 from skyreels_local.errors import DiskFullError
 from skyreels_local.jobs import JobStatus, JobStore
@@ -105,11 +105,13 @@ def test_a_server_whose_disk_fills_mid_job(tmp_path):
         assert httpx.get(server.base_url + "/health").status_code == 200
 
         # The worker cannot write the video, nor record that: it waits for space.
-        deadline = time.monotonic() + 60
         marker = f"prediction {running['id']}: cannot record the outcome"
-        while marker not in server.log_path.read_text(errors="replace"):
-            assert time.monotonic() < deadline, server.log_tail()
-            time.sleep(0.2)
+        wait_until(
+            lambda: marker in server.log_path.read_text(errors="replace"),
+            60,
+            lambda: f"{marker!r} in the log:\n{server.log_tail()}",
+            interval=0.2,
+        )
         assert server.get(running["id"])["status"] == "processing"
 
         filler.unlink()

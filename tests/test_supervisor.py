@@ -10,17 +10,11 @@ import uuid
 
 import pytest
 from api_server import TESTS_DIR, data_uri
+from waiting import wait_until
 
 from skyreels_local.config import Settings
 from skyreels_local.jobs import JobStatus, JobStore
 from skyreels_local.supervisor import WorkerSupervisor
-
-
-def wait_until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -45,7 +39,7 @@ def test_workers_outlive_the_thread_that_started_the_supervisor(supervised):
 
     def pool_thread() -> None:  # as a server's thread pool would: start it, idle, then retire
         supervisor.start()
-        wait_until(lambda: ready_pid(store) is not None)
+        wait_until(lambda: ready_pid(store) is not None, 30, "a ready worker")
 
     starter = threading.Thread(target=pool_thread)
     starter.start()
@@ -59,7 +53,7 @@ def test_workers_outlive_the_thread_that_started_the_supervisor(supervised):
 def test_a_dead_worker_is_restarted_and_its_job_queued_again(supervised):
     supervisor, store = supervised
     supervisor.start()
-    wait_until(lambda: ready_pid(store) is not None)
+    wait_until(lambda: ready_pid(store) is not None, 30, "a ready worker")
     pid = ready_pid(store)
     # A job the worker "was running" when it died.
     job_id = uuid.uuid4().hex
@@ -73,12 +67,12 @@ def test_a_dead_worker_is_restarted_and_its_job_queued_again(supervised):
     )
     store.claim_next("w0", "claim")
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: ready_pid(store) not in (None, pid))
+    wait_until(lambda: ready_pid(store) not in (None, pid), 30, "a new ready worker")
     assert supervisor.restarts == 1
     job = store.get(job_id)
     # re-queued, then claimed by the restarted worker whose stub engine fails it
     assert job.status in (JobStatus.CREATED, JobStatus.PROCESSING, JobStatus.FAILED)
-    wait_until(lambda: store.get(job_id).status == JobStatus.FAILED)
+    wait_until(lambda: store.get(job_id).status == JobStatus.FAILED, 30, "the job to fail")
     failed = store.get(job_id)
     assert failed.attempts == 2 and "stub engine does not generate" in failed.error
 
@@ -86,7 +80,7 @@ def test_a_dead_worker_is_restarted_and_its_job_queued_again(supervised):
 def test_stop_is_graceful(supervised):
     supervisor, store = supervised
     supervisor.start()
-    wait_until(lambda: ready_pid(store) is not None)
+    wait_until(lambda: ready_pid(store) is not None, 30, "a ready worker")
     supervisor.stop()
     assert store.workers()[0].state == "stopped"
     assert [w.process.returncode for w in supervisor.workers] == [0]

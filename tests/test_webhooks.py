@@ -146,6 +146,8 @@ def test_the_dispatcher_leases_only_what_it_can_send_at_once(store):
         hooks.start()
         try:
             site.wait_for(2, timeout=5)
+            # Nothing more may arrive while both slots hang (3 s each); 0.3 s is six poll
+            # intervals (poll_s 0.05) of the dispatcher: a third delivery would have started.
             time.sleep(0.3)
             assert len(site.received) == 2
             leased = (

@@ -160,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
 
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
+    log.info("listening on %s:%d", settings.host, port)
+    if settings.port_file:
+        # Reported as soon as it is bound: connections wait in the socket's backlog until uvicorn runs.
+        write_port_file(Path(settings.port_file), port)
     app = create_app(settings, log_level=args.log_level)
     config = uvicorn.Config(
         app,
@@ -169,8 +173,5 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=5,  # sync-mode requests would otherwise hold a shutdown open
     )
-    log.info("listening on %s:%d", settings.host, port)
-    if settings.port_file:
-        write_port_file(Path(settings.port_file), port)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
