@@ -12,6 +12,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# Test modules that start real processes (an API server, worker processes, the CLI, a pip
+# install): the `integration` tier. Every other test is `unit` unless it is marked `gpu`.
+# `pytest -m "not integration"` runs the fast tier; CI runs everything.
+INTEGRATION_MODULES = {
+    "test_api_contract",
+    "test_api_faults",
+    "test_api_fuzz",
+    "test_api_queue",
+    "test_api_restart",
+    "test_bench",
+    "test_cli",
+    "test_client_wavespeed",
+    "test_disk_full",
+    "test_profiles_gpu_check",
+    "test_serve_startup",
+    "test_supervisor",
+    "test_wheel",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in INTEGRATION_MODULES and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+        if not item.get_closest_marker("integration") and not item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def tiny_engine():
     from skyreels_local.engine.loader import load_engine

@@ -119,7 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--compile-cache-dir", default=None, help="inductor cache dir (TORCHINDUCTOR_CACHE_DIR wins)"
     )
     p.add_argument("--cache-threshold", type=float, default=None, help="turbo's First Block Cache threshold")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the inputs (same for every preset)")
     p.add_argument(
         "--out",
         type=Path,
