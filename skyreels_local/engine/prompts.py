@@ -23,6 +23,29 @@ import torch
 
 log = logging.getLogger(__name__)
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+CLIP_MAX_TOKENS = 77
+
+
+class _ClipTruncationFilter(logging.Filter):
+    """Drops the two warnings about prompts longer than CLIP's 77 tokens. The truncation is on
+    purpose: SkyReels uses CLIP-L only for its pooled summary vector, the pipeline cuts CLIP's
+    input at 77 tokens by design, and the whole prompt reaches the model through the Llama
+    encoder (up to 256 tokens). SkyReels' own default negative prompt is longer than 77 tokens,
+    so without this every generation would warn about text the user never wrote."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            "CLIP can only handle sequences up to" in message
+            or ("Token indices sequence length is longer" in message and f"> {CLIP_MAX_TOKENS})" in message)
+        )
+
+
+for _name in (
+    "diffusers.pipelines.hunyuan_video.pipeline_hunyuan_skyreels_image2video",  # "...was truncated..."
+    "transformers.tokenization_utils_base",  # "Token indices sequence length ... (119 > 77)"
+):
+    logging.getLogger(_name).addFilter(_ClipTruncationFilter())
 
 
 class TextEncoderResidency(Protocol):
