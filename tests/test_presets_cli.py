@@ -5,19 +5,25 @@ from __future__ import annotations
 import pytest
 
 from skyreels_local.cli import build_parser, main
+from skyreels_local.cli.generate import GENERATE_FIELDS
+from skyreels_local.cli.settings_flags import settings_from_args
 from skyreels_local.engine.preset_names import DEFAULT_PRESET, PRESETS
 from skyreels_local.video import read_mp4
 
 
 def test_generate_accepts_each_preset_and_defaults_to_the_setting(monkeypatch):
     base = ["generate", "--image", "x.png", "--prompt", "p", "--out", "o.mp4"]
-    assert build_parser().parse_args(base).preset == DEFAULT_PRESET == "exact"
+
+    def settings(*argv: str):  # defaults and env twins are resolved when the command runs
+        return settings_from_args(build_parser().parse_args([*base, *argv]), GENERATE_FIELDS)
+
+    monkeypatch.delenv("SKYREELS_PRESET", raising=False)
+    assert settings().preset == DEFAULT_PRESET == "exact"
     for name in PRESETS:
-        assert build_parser().parse_args([*base, "--preset", name]).preset == name
+        assert settings("--preset", name).preset == name
     monkeypatch.setenv("SKYREELS_PRESET", "turbo")
     monkeypatch.setenv("SKYREELS_TURBO_THRESHOLD", "0.3")
-    args = build_parser().parse_args(base)
-    assert (args.preset, args.turbo_threshold) == ("turbo", 0.3)
+    assert (settings().preset, settings().turbo_threshold) == ("turbo", 0.3)
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--preset", "warp"])
 
