@@ -50,7 +50,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..params import DEFAULT_GUIDANCE_SCALE, cfg_enabled
+from ..params import DEFAULT_GUIDANCE_SCALE, SKYREELS_GEOMETRY, cfg_enabled
 from .bench_report import (
     SCHEDULE_STEPS,
     Results,
@@ -872,7 +872,13 @@ def build_full_random_pipeline(device: Any) -> Any:
 
 
 MODELS: dict[str, ModelRecipe] = {
-    FULL_MODEL: ModelRecipe(build_full_random_pipeline, (960, 544, 97), FULL_TEXT, needs_cuda=True),
+    # SkyReels' own 16:9 clip: 960x544x97.
+    FULL_MODEL: ModelRecipe(
+        build_full_random_pipeline,
+        (*SKYREELS_GEOMETRY.sizes["16:9"], SKYREELS_GEOMETRY.num_frames),
+        FULL_TEXT,
+        needs_cuda=True,
+    ),
     # tiny.py's model: 64x32x9 (16:9), 64 text tokens of width 16, pooled width 8.
     TINY_MODEL: ModelRecipe(
         build_tiny_random_pipeline, (64, 32, 9), dict(max_len=64, dim=16, pooled_dim=8), False
