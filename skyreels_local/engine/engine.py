@@ -22,7 +22,6 @@ import torch
 
 from ..errors import GenerationCancelled
 from ..params import OUTPUT_FPS, ModelGeometry
-from ..params import draw_seed as draw_seed  # re-exported: the engine's seed for -1
 from .denoise import DenoiseJob, generate_video, pipeline_kwargs
 from .images import centre_crop_resize
 from .presets import AppliedPreset
@@ -120,8 +119,8 @@ class Engine:
 
         width, height = self.spec.geometry.sizes["16:9"]
         request = GenerationRequest(
-            image=Image.new("RGB", (width, height), (128, 128, 128)),
             prompt="warm-up",
+            image=Image.new("RGB", (width, height), (128, 128, 128)),
             seed=0,
             num_inference_steps=2,  # the second step runs in the dtype every later step uses
             width=width,
