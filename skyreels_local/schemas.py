@@ -12,20 +12,24 @@ from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from .engine.request import (
-    ASPECT_RATIOS,
+from .errors import InvalidInputError, MissingInputError
+from .jobs import Job, JobStatus
+from .params import (
+    DEFAULT_ASPECT_RATIO,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
     GUIDANCE_MAX,
     GUIDANCE_MIN,
+    MAX_PROMPT_CHARS,
     SEED_MAX,
     SEED_MIN,
     STEPS_MAX,
     STEPS_MIN,
-    validate_fields,
+    GenerationParams,
 )
-from .errors import InvalidInputError, MissingInputError
-from .jobs import Job, JobStatus
 
 T = TypeVar("T")
 
@@ -161,20 +165,41 @@ class SkyReelsInput(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: str = Field(min_length=1, description='what happens in the video ("FPS-24, " is prefixed)')
+    # The generation fields: defaults and limits from params.py (GenerationParams), the one contract.
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description='what happens in the video ("FPS-24, " is prefixed)',
+    )
     image: str = Field(
         description="the first frame: an http(s) URL, an upload URL of this server, or a data: URI"
     )
-    seed: int = Field(-1, ge=SEED_MIN, le=SEED_MAX, description="-1 draws one; the seed used is returned")
-    guidance_scale: float = Field(
-        6.0, ge=GUIDANCE_MIN, le=GUIDANCE_MAX, description="true classifier-free guidance scale"
+    seed: int = Field(
+        DEFAULT_SEED, ge=SEED_MIN, le=SEED_MAX, description="-1 draws one; the seed used is returned"
     )
-    num_inference_steps: int = Field(30, ge=STEPS_MIN, le=STEPS_MAX)
-    negative_prompt: str | None = Field(None, description="default: SkyReels' own negative prompt")
-    aspect_ratio: Literal["16:9", "9:16"] = "16:9"
+    guidance_scale: float = Field(
+        DEFAULT_GUIDANCE_SCALE,
+        ge=GUIDANCE_MIN,
+        le=GUIDANCE_MAX,
+        description="true classifier-free guidance scale",
+    )
+    num_inference_steps: int = Field(DEFAULT_STEPS, ge=STEPS_MIN, le=STEPS_MAX)
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="default: SkyReels' own negative prompt"
+    )
+    aspect_ratio: Literal["16:9", "9:16"] = DEFAULT_ASPECT_RATIO
     enable_sync_mode: bool = Field(False, description="wait for the result in the submit reply")
     enable_base64_output: bool = Field(False, description="outputs as bare base64 instead of URLs")
     webhook_url: str | None = Field(None, description="POSTed the finished prediction (or use ?webhook=)")
+
+    # The validated generation parameters, set by parse_skyreels_input (not a wire field).
+    _params: GenerationParams | None = PrivateAttr(None)
+
+    @property
+    def params(self) -> GenerationParams:
+        if self._params is None:
+            raise RuntimeError("SkyReelsInput.params is set by parse_skyreels_input")
+        return self._params
 
 
 def _check_url(field: str, value: object, schemes: tuple[str, ...], what: str) -> str:
@@ -209,19 +234,13 @@ def parse_skyreels_input(body: object, *, webhook_query: str | None = None) -> S
     if body.get("image") is None:
         raise MissingInputError("image")
     values = {name: body[name] for name in SkyReelsInput.model_fields if body.get(name) is not None}
-    validate_fields(
-        prompt=values["prompt"],
-        seed=values.get("seed", -1),
-        guidance_scale=values.get("guidance_scale", 6.0),
-        num_inference_steps=values.get("num_inference_steps", 30),
-        aspect_ratio=values.get("aspect_ratio", ASPECT_RATIOS[0]),
-    )
     values["image"] = _check_url(
         "image", values["image"], IMAGE_SCHEMES, "an http(s) URL, an upload URL of this server or a data: URI"
     )
-    negative = values.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        raise InvalidInputError("negative_prompt", negative, "must be a string")
+    # The one validation of the generation fields (params.py); the worker reads them back as is.
+    params = GenerationParams(
+        **{name: values[name] for name in GenerationParams.model_fields if name in values}
+    )
     for flag in ("enable_sync_mode", "enable_base64_output"):
         values[flag] = _optional_bool(body, flag)
     if webhook_query is not None:
@@ -235,7 +254,9 @@ def parse_skyreels_input(body: object, *, webhook_query: str | None = None) -> S
         raise InvalidInputError(
             "enable_base64_output", True, "cannot be combined with a webhook (ask for URLs instead)"
         )
-    return SkyReelsInput.model_validate(values)
+    parsed = SkyReelsInput.model_validate(values)
+    parsed._params = params
+    return parsed
 
 
 class UploadTicketRequest(BaseModel):

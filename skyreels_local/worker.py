@@ -42,6 +42,7 @@ from .config import Settings
 from .errors import DiskFullError, GenerationCancelled, SkyreelsError, TaskCode, is_disk_full
 from .jobs import Job, JobStore
 from .media import AddressPolicy, ImageFetcher, UploadStore, UrlSigner
+from .params import GenerationParams
 from .paths import DataPaths
 
 # Named explicitly: run as `python -m`, __name__ would be "__main__".
@@ -195,17 +196,8 @@ class GpuWorker:
 
         out_of_memory = False
         try:
-            params = job.params
-            image = self.fetcher.fetch(params["image"])
-            request = GenerationRequest(
-                prompt=params["prompt"],
-                image=image,
-                negative_prompt=params.get("negative_prompt"),
-                seed=job.seed,
-                guidance_scale=float(params.get("guidance_scale", 6.0)),
-                num_inference_steps=int(params.get("num_inference_steps", 30)),
-                aspect_ratio=params.get("aspect_ratio", "16:9"),
-            )
+            params = stored_params(job)
+            request = GenerationRequest(self.fetcher.fetch(params.image), params=params)
             result = engine.generate(request, on_progress=on_progress, should_cancel=should_cancel)
             name = self.write_output(result, job.id)
         except GenerationCancelled:
@@ -234,7 +226,7 @@ class GpuWorker:
                     outputs=[name],
                     execution_ms=elapsed_ms,
                     inference_ms=inference_ms,
-                    steps=request.num_inference_steps,
+                    steps=params.num_inference_steps,
                     denoise_s=float(result.timings.get("denoise_s", 0.0)),
                 ),
             )
@@ -285,6 +277,14 @@ class GpuWorker:
                 )
                 self._stopping.wait(delay)
                 delay = min(delay * 2, STORE_RETRY_MAX_S)
+
+
+def stored_params(job: Job) -> GenerationParams:
+    """The job's GenerationParams as the server stored them at submit (validated there).
+
+    Rows written before the seed was part of the stored params carry it only in their `seed`
+    column (drawn at submit too), so it fills in when the params have none."""
+    return GenerationParams.model_validate({"seed": job.seed, **job.params})
 
 
 class OutputWriteError(SkyreelsError):

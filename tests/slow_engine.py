@@ -27,9 +27,9 @@ class SlowEngine:
 
     def generate(self, request: Any, *, on_progress: Any = None, should_cancel: Any = None) -> Any:
         def slow_progress(progress: Any) -> None:
-            if HANG in request.prompt:
+            if HANG in request.params.prompt:
                 threading.Event().wait()
-            if OOM in request.prompt:
+            if OOM in request.params.prompt:
                 import torch
 
                 raise torch.cuda.OutOfMemoryError(

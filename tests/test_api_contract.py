@@ -323,6 +323,11 @@ def test_image_failures_are_failed_tasks_with_code_1402(server, site, image, fra
         ({"prompt": "x", "image": "https://e.com/a.png", "aspect_ratio": "4:3"}, ["`aspect_ratio`", "'4:3'"]),
         ({"prompt": "x", "image": "https://e.com/a.png", "enable_sync_mode": "yes"}, ["`enable_sync_mode`"]),
         ({"prompt": "x", "image": "https://e.com/a.png", "negative_prompt": 3}, ["`negative_prompt`", "3"]),
+        ({"prompt": "x" * 2001, "image": "https://e.com/a.png"}, ["`prompt`", "at most 2000", "2001"]),
+        (
+            {"prompt": "x", "image": "https://e.com/a.png", "negative_prompt": "n" * 2001},
+            ["`negative_prompt`", "at most 2000", "2001"],
+        ),
         ({"prompt": "x", "image": "https://e.com/a.png", "webhook_url": "nope"}, ["`webhook_url`", "'nope'"]),
         (
             {

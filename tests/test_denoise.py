@@ -9,7 +9,13 @@ import torch
 from conftest import make_test_image
 
 from skyreels_local.engine.attention import MaskFreeHunyuanVideoAttnProcessor
-from skyreels_local.engine.denoise import DenoiseJob, denoise_latents, generate_video, trim_padding
+from skyreels_local.engine.denoise import (
+    DenoiseJob,
+    denoise_latents,
+    generate_video,
+    pipeline_kwargs,
+    trim_padding,
+)
 from skyreels_local.engine.loader import load_engine
 from skyreels_local.engine.presets import apply_preset
 from skyreels_local.engine.prompts import PromptEmbeds, PromptEncoder
@@ -37,20 +43,7 @@ def stock_latents(
     pipe, image, positive: PromptEmbeds, negative: PromptEmbeds, noise: torch.Tensor
 ) -> torch.Tensor:
     with torch.inference_mode():
-        return pipe(
-            image=image,
-            height=HEIGHT,
-            width=WIDTH,
-            num_frames=FRAMES,
-            num_inference_steps=STEPS,
-            true_cfg_scale=6.0,
-            guidance_scale=1.0,
-            generator=torch.Generator().manual_seed(1),
-            latents=noise.clone(),
-            output_type="latent",
-            **positive.as_positive(),
-            **negative.as_negative(),
-        ).frames
+        return pipe(**pipeline_kwargs(job(image, positive, negative, noise)), output_type="latent").frames
 
 
 def job(
@@ -132,18 +125,7 @@ def test_decoded_frames_match_the_pipeline(tiny_pair):
     image = make_test_image(WIDTH, HEIGHT)
     positive, negative = encode(stock, "FPS-24, waves"), encode(stock, "noise")
     with torch.inference_mode():
-        expected = stock(
-            image=image,
-            height=HEIGHT,
-            width=WIDTH,
-            num_frames=FRAMES,
-            num_inference_steps=STEPS,
-            true_cfg_scale=6.0,
-            generator=torch.Generator().manual_seed(1),
-            output_type="np",
-            **positive.as_positive(),
-            **negative.as_negative(),
-        ).frames
+        expected = stock(**pipeline_kwargs(job(image, positive, negative, None)), output_type="np").frames
     video, plan = generate_video(fast, job(image, positive, negative, None))
     assert video.shape == expected.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
     np.testing.assert_allclose(video, expected, atol=1e-4)

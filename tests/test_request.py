@@ -52,9 +52,8 @@ def test_valid_frame_counts(frames):
 
 
 def test_request_validate_uses_same_rules():
-    bad = GenerationRequest(prompt="x", image=make_test_image(), width=33)
     with pytest.raises(InvalidInputError, match="width"):
-        bad.validate()
+        GenerationRequest(prompt="x", image=make_test_image(), width=33)
 
 
 def test_fps_prefix():

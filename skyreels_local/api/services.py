@@ -25,7 +25,6 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import MODEL_ID
 from ..config import Settings
-from ..engine.request import SEED_MAX
 from ..errors import SkyreelsError, TaskCode
 from ..jobs import TERMINAL_STATUSES, Job, JobStatus, JobStore
 from ..media import AddressPolicy, Links, UploadStore, UrlSigner
@@ -187,30 +186,23 @@ class Services:
     def submit(self, parsed: SkyReelsInput, body: dict[str, Any], base_url: str) -> Job:
         self._refuse_when_no_worker_can_load()
         # A seed is drawn now, not by the worker, so `data.seed` is known from the first reply.
-        seed = parsed.seed if parsed.seed >= 0 else secrets.randbelow(SEED_MAX + 1)
-        params = parsed.model_dump(
-            include={
-                "prompt",
-                "image",
-                "negative_prompt",
-                "guidance_scale",
-                "num_inference_steps",
-                "aspect_ratio",
-            }
-        )
+        params = parsed.params.with_drawn_seed()
         job = self.store.create(
             id=uuid.uuid4().hex,
             model=MODEL_ID,
             input=body,
-            params=params,
-            seed=seed,
+            # The worker reads these back unchanged (worker.stored_params).
+            params=params.model_dump(mode="json"),
+            seed=params.seed,
             base_url=base_url,
             webhook_url=parsed.webhook_url,
             base64_output=parsed.enable_base64_output,
             preset=self.settings.preset,
             max_queue=self.settings.max_queue,
         )
-        log.info("prediction %s: submitted (seed %d, %d steps)", job.id, seed, parsed.num_inference_steps)
+        log.info(
+            "prediction %s: submitted (seed %d, %d steps)", job.id, params.seed, params.num_inference_steps
+        )
         return job
 
     async def wait(self, prediction_id: str, timeout_s: float) -> Job:

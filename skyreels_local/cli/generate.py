@@ -8,15 +8,20 @@ import sys
 from pathlib import Path
 
 from ..engine.images import decode_image, load_image_file
-from ..engine.request import (
+from ..errors import InvalidInputError, MediaError
+from ..params import (
     ASPECT_RATIOS,
+    DEFAULT_ASPECT_RATIO,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
     GUIDANCE_MAX,
     GUIDANCE_MIN,
+    MAX_PROMPT_CHARS,
     STEPS_MAX,
     STEPS_MIN,
-    GenerationRequest,
+    GenerationParams,
 )
-from ..errors import InvalidInputError, MediaError
 from ..paths import DataPaths
 from .settings_flags import HelpFormatter, add_settings_flags, settings_from_args
 
@@ -40,18 +45,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--image", required=True, help="input image: a local file path or an http(s) URL")
-    p.add_argument("--prompt", required=True, help='text prompt ("FPS-24, " is prefixed unless present)')
+    p.add_argument(
+        "--prompt",
+        required=True,
+        help=f'text prompt, at most {MAX_PROMPT_CHARS} characters ("FPS-24, " is prefixed unless present)',
+    )
     p.add_argument("--out", required=True, type=Path, help="output MP4 path")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: SkyReels' own)")
-    p.add_argument("--seed", type=int, default=-1, help="random seed; -1 draws one and prints it")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed; -1 draws one and prints it")
     p.add_argument(
         "--guidance-scale",
         type=float,
-        default=6.0,
+        default=DEFAULT_GUIDANCE_SCALE,
         help=f"true classifier-free guidance scale, {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g} (1 disables CFG)",
     )
-    p.add_argument("--steps", type=int, default=30, help=f"denoising steps, {STEPS_MIN} to {STEPS_MAX}")
-    p.add_argument("--aspect-ratio", default="16:9", choices=ASPECT_RATIOS, help="output aspect ratio")
+    p.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps, {STEPS_MIN} to {STEPS_MAX}"
+    )
+    p.add_argument(
+        "--aspect-ratio", default=DEFAULT_ASPECT_RATIO, choices=ASPECT_RATIOS, help="output aspect ratio"
+    )
     p.add_argument("--width", type=int, default=None, help="override the width (multiple of 16)")
     p.add_argument("--height", type=int, default=None, help="override the height (multiple of 16)")
     p.add_argument("--num-frames", type=int, default=None, help="override the frame count (4k+1, e.g. 97)")
@@ -80,15 +93,11 @@ def read_image(source: str):
     return load_image_file(source)
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args, GENERATE_FIELDS)
-    if args.out.suffix.lower() != ".mp4":
-        raise InvalidInputError("--out", str(args.out), "must end in .mp4")
-    # Validate everything cheap before the (possibly minutes-long) model load.
-    image = read_image(args.image)
-    request = GenerationRequest(
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
+    """The flags as GenerationParams; a bad value raises the API's error naming the field."""
+    return GenerationParams(
         prompt=args.prompt,
-        image=image,
+        image=args.image,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
         guidance_scale=args.guidance_scale,
@@ -98,12 +107,22 @@ def run(args: argparse.Namespace) -> int:
         height=args.height,
         num_frames=args.num_frames,
     )
-    request.validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, GENERATE_FIELDS)
+    if args.out.suffix.lower() != ".mp4":
+        raise InvalidInputError("--out", str(args.out), "must end in .mp4")
+    # Validate everything cheap before the (possibly minutes-long) model load: the parameters
+    # (the same contract and errors as the API's), then the image.
+    params = params_from_args(args)
+    image = read_image(args.image)
 
     # torch and diffusers load only now, so that bad input fails in well under a second.
     from ..engine.engine import Progress
     from ..engine.loader import load_engine
     from ..engine.presets import PresetOptions
+    from ..engine.request import GenerationRequest
     from ..engine.tiny import TINY_MODEL_NAME
     from ..video import write_mp4
 
@@ -130,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"eta {progress.eta_s:.0f}s", refresh=True)
 
     try:
-        result = engine.generate(request, on_progress=on_progress)
+        result = engine.generate(GenerationRequest(image, params=params), on_progress=on_progress)
     finally:
         if bar is not None:
             bar.close()

@@ -50,6 +50,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ..params import DEFAULT_GUIDANCE_SCALE, SKYREELS_GEOMETRY, cfg_enabled
 from .bench_report import (
     SCHEDULE_STEPS,
     Results,
@@ -106,7 +107,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--text-len", default="64,32", help="real token counts of the prompt and the negative prompt"
     )
-    p.add_argument("--cfg", type=float, default=6.0, help="true CFG scale")
+    p.add_argument("--cfg", type=float, default=DEFAULT_GUIDANCE_SCALE, help="true CFG scale")
     p.add_argument("--attention", default="auto", help="attention backend for the presets, or auto (probe)")
     p.add_argument(
         "--compile",
@@ -205,7 +206,7 @@ class Bench:
     def flops_record(self, seconds: float | None) -> dict[str, Any]:
         s = self.setup
         linear, attention = step_flops(
-            s.config, s.video_tokens, s.text_lens if s.cfg > 1 else s.text_lens[:1]
+            s.config, s.video_tokens, s.text_lens if cfg_enabled(s.cfg) else s.text_lens[:1]
         )
         rec: dict[str, Any] = {"step_tflop": significant((linear + attention) / 1e12)}
         if seconds:
@@ -608,6 +609,8 @@ class Bench:
     def run_stock(self) -> dict[str, Any]:
         import torch
 
+        from .denoise import pipeline_kwargs
+
         s = self.setup
         record: dict[str, Any] = {"note": "diffusers pipeline call (padded text + mask)"}
         marks: list[float] = []
@@ -617,24 +620,15 @@ class Bench:
             marks.append(time.perf_counter())
             return {}
 
+        job = self.job(steps=1 + self.timed)  # before the clock: it clones the shared noise
         self.sync()
         begin = time.perf_counter()
         with torch.inference_mode():
             out = s.pipe(
-                image=s.image,
-                height=s.height,
-                width=s.width,
-                num_frames=s.frames,
-                num_inference_steps=1 + self.timed,
-                true_cfg_scale=s.cfg,
-                guidance_scale=1.0,
-                generator=torch.Generator("cpu").manual_seed(s.seed),
-                latents=s.latents.clone(),
+                **pipeline_kwargs(job),
                 output_type="latent",
                 callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=[],
-                **s.positive.as_positive(),
-                **s.negative.as_negative(),
             )
         self.timed_steps(record, marks, begin)
         record["note"] += "; first step includes the image encode"
@@ -680,7 +674,7 @@ class Bench:
         try:
             steps = 1 + self.timed
             self.run_loop(record, steps=steps, on_forward=monitor)
-            branches = ("cond", "uncond") if s.cfg > 1 else ("cond",)
+            branches = ("cond", "uncond") if cfg_enabled(s.cfg) else ("cond",)
             if monitor.computed != dict.fromkeys(branches, 1) or monitor.reused != dict.fromkeys(
                 branches, steps - 1
             ):
@@ -878,7 +872,13 @@ def build_full_random_pipeline(device: Any) -> Any:
 
 
 MODELS: dict[str, ModelRecipe] = {
-    FULL_MODEL: ModelRecipe(build_full_random_pipeline, (960, 544, 97), FULL_TEXT, needs_cuda=True),
+    # SkyReels' own 16:9 clip: 960x544x97.
+    FULL_MODEL: ModelRecipe(
+        build_full_random_pipeline,
+        (*SKYREELS_GEOMETRY.sizes["16:9"], SKYREELS_GEOMETRY.num_frames),
+        FULL_TEXT,
+        needs_cuda=True,
+    ),
     # tiny.py's model: 64x32x9 (16:9), 64 text tokens of width 16, pooled width 8.
     TINY_MODEL: ModelRecipe(
         build_tiny_random_pipeline, (64, 32, 9), dict(max_len=64, dim=16, pooled_dim=8), False

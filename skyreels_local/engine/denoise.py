@@ -28,6 +28,7 @@ import torch
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_skyreels_image2video import retrieve_timesteps
 from PIL import Image
 
+from ..params import cfg_enabled
 from .prompts import PromptEmbeds
 from .vae_decode import TilePlan, decode_video
 
@@ -56,7 +57,29 @@ class DenoiseJob:
     @property
     def do_cfg(self) -> bool:
         # The pipeline's rule: true CFG needs a scale above 1 and negative embeddings.
-        return self.true_cfg_scale > 1.0 and self.negative is not None
+        return cfg_enabled(self.true_cfg_scale) and self.negative is not None
+
+
+def pipeline_kwargs(job: DenoiseJob) -> dict[str, Any]:
+    """The keyword arguments of diffusers' pipeline call (`pipe(**pipeline_kwargs(job), ...)`)
+    for the same generation that `generate_video(pipe, job)` runs through our loop. The caller
+    adds what differs per use: `output_type` and the step callback."""
+    kwargs: dict[str, Any] = {
+        "image": job.image,
+        "height": job.height,
+        "width": job.width,
+        "num_frames": job.num_frames,
+        "num_inference_steps": job.num_inference_steps,
+        "true_cfg_scale": job.true_cfg_scale,
+        "guidance_scale": job.guidance_scale,  # embedded guidance, 1 as upstream SkyReels
+        "generator": job.generator,
+        **job.positive.as_positive(),
+    }
+    if job.negative is not None:
+        kwargs |= job.negative.as_negative()
+    if job.latents is not None:
+        kwargs["latents"] = job.latents
+    return kwargs
 
 
 def trim_padding(embeds: PromptEmbeds) -> PromptEmbeds:
@@ -145,7 +168,7 @@ def cfg_velocity(
         return out
 
     noise_pred = forward(COND, positive)
-    if negative is not None and true_cfg_scale > 1.0:
+    if negative is not None and cfg_enabled(true_cfg_scale):
         neg_noise_pred = forward(UNCOND, negative)
         noise_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
     return noise_pred

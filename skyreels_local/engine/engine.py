@@ -11,7 +11,6 @@ asked to cancel. Cancelling raises from the step callback, because the pipeline'
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -22,18 +21,12 @@ import numpy as np
 import torch
 
 from ..errors import GenerationCancelled
-from .denoise import DenoiseJob, generate_video
+from ..params import OUTPUT_FPS, ModelGeometry
+from .denoise import DenoiseJob, generate_video, pipeline_kwargs
 from .images import centre_crop_resize
 from .presets import AppliedPreset
 from .prompts import PromptEncoder, TextEncoderResidency
-from .request import (
-    DEFAULT_NEGATIVE_PROMPT,
-    OUTPUT_FPS,
-    SEED_MAX,
-    GenerationRequest,
-    ModelGeometry,
-    with_fps_prefix,
-)
+from .request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +70,6 @@ class ModelSpec:
     geometry: ModelGeometry
     prompt_template: dict[str, Any] | None = None  # None: the pipeline's own (real SkyReels) template
     max_sequence_length: int = 256
-
-
-def draw_seed() -> int:
-    """A fresh seed for `seed: -1`, in the contract's range."""
-    return secrets.randbelow(SEED_MAX + 1)
 
 
 class Engine:
@@ -154,20 +142,10 @@ class Engine:
         Do not call it concurrently under a profile that offloads models on demand (accelerate
         CPU offload moves modules on each call).
         """
-        request.validate()
-        prompt, negative = self._prompt_texts(request)
-        self.prompts.encode(prompt)
-        if negative is not None:
-            self.prompts.encode(negative)
-
-    @staticmethod
-    def _prompt_texts(request: GenerationRequest) -> tuple[str, str | None]:
-        prompt = with_fps_prefix(request.prompt)
-        # True CFG only runs when the pipeline gets negative embeddings: give it the SkyReels
-        # default whenever the caller gave none, so guidance_scale is never silently ignored.
-        do_cfg = request.guidance_scale > 1.0
-        negative = ((request.negative_prompt or "").strip() or DEFAULT_NEGATIVE_PROMPT) if do_cfg else None
-        return prompt, negative
+        params = request.params
+        self.prompts.encode(params.encoder_prompt)
+        if params.encoder_negative_prompt is not None:
+            self.prompts.encode(params.encoder_negative_prompt)
 
     def generate(
         self,
@@ -176,7 +154,7 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> GenerationResult:
-        request.validate()
+        # No validation here: GenerationParams were validated where the request entered.
         with self._lock:
             return self._generate(request, on_progress=on_progress, should_cancel=should_cancel)
 
@@ -193,9 +171,10 @@ class Engine:
 
         started = time.perf_counter()
         check_cancel()
-        width, height, num_frames = self.spec.geometry.resolve(request)
-        seed = request.seed if request.seed >= 0 else draw_seed()
-        prompt, negative = self._prompt_texts(request)
+        params = request.params.with_drawn_seed()
+        width, height, num_frames = self.spec.geometry.resolve(params)
+        seed = params.seed
+        prompt, negative = params.encoder_prompt, params.encoder_negative_prompt
 
         image = centre_crop_resize(request.image, width, height)
 
@@ -205,7 +184,7 @@ class Engine:
         check_cancel()
 
         denoise_started = time.perf_counter()
-        total_steps = request.num_inference_steps
+        total_steps = params.num_inference_steps
         marks = {"last_step": denoise_started}
 
         def on_step(step: int, total: int) -> None:
@@ -217,12 +196,19 @@ class Engine:
             # Raising here is what skips the VAE decode (and, in our loop, every later step).
             check_cancel()
 
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        job = DenoiseJob(
+            image=image,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=total_steps,
+            true_cfg_scale=params.guidance_scale,
+            positive=positive_embeds,
+            negative=negative_embeds,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+        )
         extra_timings: dict[str, float] = {}
         if self.preset_info.uses_pipeline_call:
-            embed_kwargs = positive_embeds.as_positive()
-            if negative_embeds is not None:
-                embed_kwargs |= negative_embeds.as_negative()
 
             def on_step_end(
                 _pipe: Any, index: int, _timestep: Any, _tensors: dict[str, Any]
@@ -232,35 +218,16 @@ class Engine:
 
             with torch.inference_mode():
                 output = self.pipe(
-                    image=image,
-                    height=height,
-                    width=width,
-                    num_frames=num_frames,
-                    num_inference_steps=total_steps,
-                    true_cfg_scale=request.guidance_scale,
-                    guidance_scale=1.0,  # embedded guidance, as upstream SkyReels
-                    generator=generator,
+                    **pipeline_kwargs(job),
                     output_type="np",
                     callback_on_step_end=on_step_end,
                     callback_on_step_end_tensor_inputs=[],
-                    **embed_kwargs,
                 )
             video = output.frames
         else:
             monitor = self.preset_info.step_cache
             if monitor is not None:
                 monitor.reset()
-            job = DenoiseJob(
-                image=image,
-                height=height,
-                width=width,
-                num_frames=num_frames,
-                num_inference_steps=total_steps,
-                true_cfg_scale=request.guidance_scale,
-                positive=positive_embeds,
-                negative=negative_embeds,
-                generator=generator,
-            )
             video, _plan = generate_video(
                 self.pipe,
                 job,
@@ -282,7 +249,7 @@ class Engine:
         }
         log.info(
             "generated %dx%dx%d in %.1fs (seed %d, %d steps, cfg %.1f, preset %s)",
-            width, height, num_frames, timings["total_s"], seed, total_steps, request.guidance_scale, self.preset,
+            width, height, num_frames, timings["total_s"], seed, total_steps, params.guidance_scale, self.preset,
         )  # fmt: skip
         return GenerationResult(
             frames=frames,
