@@ -182,7 +182,12 @@ def wait_until(driver: Any, script: str, timeout: float = 60.0, *args: Any) -> A
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for: {script}")
+            state = driver.execute_script(
+                "const t = id => document.getElementById(id).textContent; return [t('status'), t('message')]"
+            )
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for: {script}; status, message: {state}"
+            )
         time.sleep(0.05)
 
 
@@ -288,6 +293,7 @@ def generated(browser, server, tmp_path_factory) -> dict[str, Any]:
         "progress_seen": browser.execute_script("return window.progressSeen"),
         "status": page_text(browser, "status"),
         "seed_used": page_text(browser, "seed-used"),
+        "download": browser.execute_script("return document.getElementById('download').getAttribute('href')"),
         "screenshot": screenshot(browser, "playground.png"),
     }
     result["urls"] = requested_urls(browser)
@@ -330,6 +336,7 @@ def test_generate_plays_the_video_with_progress_seed_and_timings(generated):
     assert video["duration"] == pytest.approx(TINY_FRAMES / FPS, abs=0.01)
     assert (video["width"], video["height"]) == (32, 64)  # 9:16 was chosen
     assert video["loop"] is True and video["controls"] is True
+    assert generated["download"] == video["src"]
     assert generated["status"] == "completed"
     assert generated["seed_used"].startswith("Seed used: ") and int(generated["seed_used"].split()[-1]) >= 0
     assert any(0 < float(v) < 100 for v in generated["progress_seen"]), generated["progress_seen"]
@@ -398,10 +405,13 @@ def test_a_wrong_key_shows_the_401_message(browser, server, generated):
     key.send_keys("not-the-key")
     by_label(browser, "Prompt").send_keys("anything")
     by_label(browser, "or Image URL").send_keys(server.base_url + "/files/uploads/none/x.png")
-    browser.find_element("xpath", "//button[normalize-space()='Generate']").click()
-    message = wait_until(
-        browser, "const m = document.getElementById('message'); return !m.hidden && m.textContent"
-    )
+    try:
+        browser.find_element("xpath", "//button[normalize-space()='Generate']").click()
+        message = wait_until(
+            browser, "const m = document.getElementById('message'); return !m.hidden && m.textContent"
+        )
+    finally:  # the page kept the wrong key for next time: the other tests need the right one
+        browser.execute_script("localStorage.setItem('skyreels.playground.apiKey', arguments[0])", KEY)
     assert message == (
         "The server refused the API key (401 Unauthorized: invalid API key). "
         "Enter a valid key in the API key field."
@@ -435,3 +445,48 @@ def test_the_page_fits_a_narrow_screen(browser, server, generated):
     assert layout["scroll"] <= layout["width"]  # no sideways scrolling
     assert layout["output"]["top"] > layout["generate"]["bottom"]  # one column: output below the form
     assert layout["generate"]["right"] <= layout["width"]
+
+
+def test_drop_and_paste_set_the_image_with_a_preview(browser, server, generated):
+    open_page(browser, server)
+    # What a drop or a paste hands the page: a DataTransfer holding an image file.
+    make_file = "const dt = new DataTransfer(); dt.items.add(new File([new Uint8Array(arguments[0])], arguments[1], {type: 'image/png'}));"
+    png = list(png_bytes(40, 30))
+    preview_src = (
+        "const p = document.getElementById('image-preview'); return !p.hidden && p.getAttribute('src')"
+    )
+    browser.execute_script(
+        make_file + "document.getElementById('dropzone').dispatchEvent("
+        "new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));",
+        png,
+        "dropped.png",
+    )
+    dropped = wait_until(browser, preview_src)
+    assert dropped.startswith("blob:" + server.base_url)
+    assert "file=@dropped.png" in page_text(browser, "code-curl")  # the Code panel uploads it first
+    browser.execute_script(
+        make_file
+        + "document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true}));",
+        png,
+        "pasted.png",
+    )
+    pasted = wait_until(
+        browser, preview_src + " !== arguments[0] && " + preview_src.split("return ")[1], 10, dropped
+    )
+    assert pasted.startswith("blob:") and pasted != dropped
+    assert "file=@pasted.png" in page_text(browser, "code-curl")
+
+
+def test_a_failed_prediction_shows_its_error_text(browser, server, generated):
+    open_page(browser, server)
+    by_label(browser, "Prompt").send_keys("[oom] too big for this GPU")  # slow_engine's OOM marker
+    set_text(browser, by_label(browser, "or Image URL"), data_uri())
+    set_range(browser, by_label(browser, "Steps"), 2)
+    browser.find_element("xpath", "//button[normalize-space()='Generate']").click()
+    status = wait_until(
+        browser, "const s = document.getElementById('status').textContent; return s.startsWith('failed') && s"
+    )
+    error = page_text(browser, "error-text")
+    assert error and status == "failed: " + error
+    assert "out of memory" in error.lower()
+    assert browser.execute_script("return document.getElementById('video').hidden") is True
