@@ -20,6 +20,7 @@ from .deps import ApiKeyGate
 from .errors import BodySizeLimit, install_error_handlers
 from .metrics import build_registry
 from .routes import files, media, predictions, system
+from .routes.playground import router as playground_router
 from .services import Services
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def create_app(settings: Settings, *, log_level: str = "INFO") -> FastAPI:
     )
     app.add_middleware(ApiKeyGate)  # added last = runs first: no key, no body read
     app.include_router(system.public)
+    app.include_router(playground_router)  # the web page: GET /playground, / redirects there
     app.include_router(files.router)
     app.include_router(system.router)
     app.include_router(media.router)
