@@ -28,7 +28,7 @@ from ..config import Settings
 from ..engine.request import SEED_MAX
 from ..errors import SkyreelsError, TaskCode
 from ..jobs import TERMINAL_STATUSES, Job, JobStatus, JobStore
-from ..media import AddressPolicy, Links, UploadStore, UrlSigner
+from ..media import AddressPolicy, Links, UploadStore, UrlSigner, upload_id_in
 from ..paths import DataPaths
 from ..schemas import Prediction, SkyReelsInput, prediction_from_job
 from ..supervisor import WorkerSupervisor
@@ -177,7 +177,9 @@ class Services:
 
     # --- predictions -------------------------------------------------------------------------
 
-    def submit(self, parsed: SkyReelsInput, body: dict[str, Any], base_url: str) -> Job:
+    def submit(
+        self, parsed: SkyReelsInput, body: dict[str, Any], base_url: str, account: str | None = None
+    ) -> Job:
         # A seed is drawn now, not by the worker, so `data.seed` is known from the first reply.
         seed = parsed.seed if parsed.seed >= 0 else secrets.randbelow(SEED_MAX + 1)
         params = parsed.model_dump(
@@ -201,9 +203,34 @@ class Services:
             base64_output=parsed.enable_base64_output,
             preset=self.settings.preset,
             max_queue=self.settings.max_queue,
+            account=account,
         )
         log.info("prediction %s: submitted (seed %d, %d steps)", job.id, seed, parsed.num_inference_steps)
         return job
+
+    def owned(self, prediction_id: str, account: str | None) -> Job | None:
+        """The prediction when `account` owns it; None for unknown ids and other accounts' ones
+        alike (a 404 either way: ids of other accounts are not even confirmed to exist)."""
+        job = self.store.get(prediction_id)
+        return job if job is not None and job.account == account else None
+
+    def delete_predictions(self, ids: list[str], account: str | None) -> int:
+        """Delete `account`'s predictions among `ids`: waiting or running ones are cancelled
+        first; each one's row, output files and input upload go. Returns how many were deleted."""
+        for prediction_id in ids:
+            job = self.owned(prediction_id, account)
+            if job is not None and not job.terminal:
+                self.store.request_cancel(prediction_id)
+        deleted = self.store.delete_predictions(ids, account=account)
+        for name in deleted.output_files:
+            (self.paths.outputs / name).unlink(missing_ok=True)
+        for image in deleted.inputs:
+            upload_id = upload_id_in(image)
+            if upload_id and self.store.delete_upload(upload_id, account=account):
+                self.uploads.delete(upload_id)
+        if deleted.ids:
+            log.info("deleted %d predictions: %s", len(deleted.ids), ", ".join(deleted.ids))
+        return len(deleted.ids)
 
     async def wait(self, prediction_id: str, timeout_s: float) -> Job:
         """Poll the job table until the job is terminal or `timeout_s` passes (sync mode)."""
@@ -218,12 +245,29 @@ class Services:
 
     # --- health ------------------------------------------------------------------------------
 
+    PUBLIC_READINESS_FIELDS = ("ready", "state")
+
+    def public_readiness(self) -> dict[str, Any]:
+        """What /ready shows without a valid key: the state only. Built from an allow-list, so
+        a field added to readiness() later stays private until it is listed here."""
+        full = self.readiness()
+        return {name: full[name] for name in self.PUBLIC_READINESS_FIELDS}
+
+    @staticmethod
+    def _state(ready: bool, workers: list[dict[str, Any]]) -> str:
+        """ready | failed (every worker gave up loading the model) | loading."""
+        if ready:
+            return "ready"
+        if workers and all(w["state"] == "failed" for w in workers):
+            return "failed"
+        return "loading"
+
     def readiness(self) -> dict[str, Any]:
         now = time.time()
         workers = self.store.workers()
         up = [w for w in workers if w.state in ("ready", "busy") and now - w.heartbeat_at < WORKER_FRESH_S]
         ready_worker = up[0] if up else None
-        return {
+        data = {
             "ready": ready_worker is not None,
             "model": ready_worker.model if ready_worker else self.settings.model,
             "profile": ready_worker.profile if ready_worker else "",
@@ -243,6 +287,8 @@ class Services:
                 for w in workers
             ],
         }
+        data["state"] = self._state(data["ready"], data["workers"])
+        return data
 
     # --- retention ---------------------------------------------------------------------------
 

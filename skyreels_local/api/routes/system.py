@@ -10,8 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ... import MODEL_ID, __version__
 from ...schemas import Envelope, ModelInfo, SkyReelsInput, WebhookSecret
-from ..deps import Authenticated, ServicesDep
-from ..errors import phrase
+from ..deps import Authenticated, ServicesDep, has_valid_key
+from ..errors import error_response, phrase
 from ..metrics import render
 from .predictions import ERRORS
 
@@ -19,26 +19,37 @@ public = APIRouter(tags=["system"])
 router = APIRouter(prefix="/api/v3", dependencies=[Authenticated], responses=ERRORS, tags=["system"])
 
 
-@public.get("/health", summary="Liveness: the HTTP process answers")
-def health() -> dict[str, Any]:
-    return {"code": 200, "message": "success", "data": {"status": "ok", "version": __version__}}
+@public.get("/health", summary="Liveness: the HTTP process answers (the version with a valid key)")
+def health(request: Request) -> dict[str, Any]:
+    data: dict[str, Any] = {"status": "ok"}
+    if has_valid_key(request):
+        data["version"] = __version__
+    return {"code": 200, "message": "success", "data": data}
 
 
 @public.get(
     "/ready",
-    summary="Readiness: 200 once a worker has the model loaded, 503 until then",
+    summary="Readiness: 200 once a worker has the model loaded, 503 until then; workers' detail "
+    "only with a valid key",
     responses={503: {"description": "no worker is ready yet"}},
 )
-def ready(services: ServicesDep) -> JSONResponse:
-    data = services.readiness()
+def ready(request: Request, services: ServicesDep) -> JSONResponse:
+    # Anonymous callers see the state only: pids, job ids, model paths and errors help an attacker.
+    data = services.readiness() if has_valid_key(request) else services.public_readiness()
     if data["ready"]:
         return JSONResponse({"code": 200, "message": "success", "data": data})
     data["error"] = "no worker has the model loaded yet"
     return JSONResponse({"code": 503, "message": phrase(503), "data": data}, status_code=503)
 
 
-@public.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(request: Request) -> Response:
+@public.get(
+    "/metrics",
+    summary="Prometheus metrics (behind the key with --metrics-require-key)",
+    response_class=Response,
+)
+def metrics(request: Request, services: ServicesDep) -> Response:
+    if services.settings.metrics_require_key and not has_valid_key(request):
+        return error_response(401, "/metrics needs an API key on this server", {"WWW-Authenticate": "Bearer"})
     return Response(render(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
