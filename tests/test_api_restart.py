@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from api_server import data_uri, free_port, local_site, start_server, stop_server, wait_ready
+from api_server import auth, data_uri, free_port, local_site, start_server, stop_server, wait_ready
 
 from skyreels_local.jobs import JobStatus, JobStore
 from skyreels_local.video import read_mp4
@@ -42,7 +42,8 @@ def test_kill_9_of_the_server_restart_then_sigterm(tmp_path):
         first = start_server(data_dir, args=args, env=SLOW, port=port)
         try:
             wait_ready(first)
-            worker_pid = httpx.get(first.base_url + "/ready").json()["data"]["workers"][0]["pid"]
+            workers = httpx.get(first.base_url + "/ready", headers=auth(first)).json()["data"]["workers"]
+            worker_pid = workers[0]["pid"]
             finished = first.wait(first.submit(body(1), webhook=f"{site.url}/hook")["id"])
             assert finished["status"] == "completed"
             site.wait_for(1)  # one failed delivery attempt

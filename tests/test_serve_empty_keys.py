@@ -48,7 +48,9 @@ def test_insecure_no_auth_stays_the_explicit_opt_out(tmp_path):
 
 
 def test_an_empty_key_on_loopback_serves_without_auth_and_warns_loudly(tmp_path):
-    with running_server(tmp_path / "data", api_key="", args=["--workers", "0"], ready_path="/health") as server:
+    with running_server(
+        tmp_path / "data", api_key="", args=["--workers", "0"], ready_path="/health"
+    ) as server:
         response = httpx.post(server.base_url + MODEL_PATH, json={"prompt": "p", "image": data_uri()})
         assert response.status_code == 200 and response.json()["data"]["status"] == "created"
         log = server.log_path.read_text()
