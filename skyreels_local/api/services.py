@@ -34,6 +34,7 @@ from ..schemas import Prediction, SkyReelsInput, prediction_from_job
 from ..supervisor import WorkerSupervisor
 from ..webhooks import SECRET_PREFIX, WebhookDispatcher, new_secret
 from .auth import ApiKeys
+from .errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,8 @@ class Services:
         deadline = time.monotonic() + timeout_s
         while True:
             job = await run_in_threadpool(self.store.get, prediction_id)
-            assert job is not None
+            if job is None:  # deleted (POST /api/v3/predictions/delete) while the client waited
+                raise NotFoundError(f"prediction {prediction_id!r} was deleted")
             remaining = deadline - time.monotonic()
             if job.status in TERMINAL_STATUSES or remaining <= 0:
                 return job
