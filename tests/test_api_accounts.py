@@ -204,3 +204,22 @@ def test_legacy_rows_are_visible_only_while_auth_is_off(tmp_path):
     with TestClient(create_app(Settings(data_dir=data_dir, workers=0))) as client:
         assert client.get(f"/api/v3/predictions/{legacy}").json()["data"]["id"] == legacy
         assert client.get("/api/v3/predictions").json()["data"]["total"] == 1
+
+
+def test_a_failed_workers_error_and_pid_are_shown_only_with_a_key(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", workers=0, api_keys=["team-a:k1"])
+    with TestClient(create_app(settings)) as client:
+        store = client.app.state.services.store
+        store.register_worker("w0", pid=4242, device="cuda:0")
+        store.update_worker("w0", state="failed", error="cannot read /srv/weights/secret-model: denied")
+        anonymous = client.get("/ready")
+        assert anonymous.status_code == 503
+        assert anonymous.json() == {
+            "code": 503,
+            "message": "Service Unavailable",
+            "data": {"ready": False, "state": "failed"},
+        }
+        assert "secret-model" not in client.get("/health").text
+        detail = client.get("/ready", headers={"Authorization": "Bearer k1"}).json()["data"]
+        assert detail["state"] == "failed" and detail["workers"][0]["pid"] == 4242
+        assert "secret-model" in detail["workers"][0]["error"]

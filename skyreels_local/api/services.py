@@ -247,14 +247,6 @@ class Services:
 
     # --- health ------------------------------------------------------------------------------
 
-    PUBLIC_READINESS_FIELDS = ("ready", "state")
-
-    def public_readiness(self) -> dict[str, Any]:
-        """What /ready shows without a valid key: the state only. Built from an allow-list, so
-        a field added to readiness() later stays private until it is listed here."""
-        full = self.readiness()
-        return {name: full[name] for name in self.PUBLIC_READINESS_FIELDS}
-
     @staticmethod
     def _state(ready: bool, workers: list[dict[str, Any]]) -> str:
         """ready | failed (every worker gave up loading the model) | loading."""

@@ -19,26 +19,38 @@ public = APIRouter(tags=["system"])
 router = APIRouter(prefix="/api/v3", dependencies=[Authenticated], responses=ERRORS, tags=["system"])
 
 
-@public.get("/health", summary="Liveness: the HTTP process answers (the version with a valid key)")
-def health(request: Request) -> dict[str, Any]:
-    data: dict[str, Any] = {"status": "ok"}
+# What /health and /ready show a caller without a valid key: the state only. An allow-list, so
+# any detail added to these answers later (worker pids, job ids, model paths, error text, the
+# reason a worker cannot load) stays private to key holders until it is listed here.
+PUBLIC_HEALTH_FIELDS = ("status",)
+PUBLIC_READY_FIELDS = ("ready", "state")
+
+
+def _public_view(request: Request, data: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
     if has_valid_key(request):
-        data["version"] = __version__
-    return {"code": 200, "message": "success", "data": data}
+        return data
+    return {name: data[name] for name in allowed if name in data}
+
+
+@public.get("/health", summary="Liveness: the HTTP process answers (the version only with a valid key)")
+def health(request: Request) -> dict[str, Any]:
+    data = {"status": "ok", "version": __version__}
+    return {"code": 200, "message": "success", "data": _public_view(request, data, PUBLIC_HEALTH_FIELDS)}
 
 
 @public.get(
     "/ready",
-    summary="Readiness: 200 once a worker has the model loaded, 503 until then; workers' detail "
-    "only with a valid key",
+    summary="Readiness: 200 once a worker has the model loaded, 503 until then; the detail (workers, "
+    "model, errors) only with a valid key",
     responses={503: {"description": "no worker is ready yet"}},
 )
 def ready(request: Request, services: ServicesDep) -> JSONResponse:
-    # Anonymous callers see the state only: pids, job ids, model paths and errors help an attacker.
-    data = services.readiness() if has_valid_key(request) else services.public_readiness()
+    data = services.readiness()
+    if not data["ready"]:
+        data["error"] = "no worker has the model loaded yet"
+    data = _public_view(request, data, PUBLIC_READY_FIELDS)
     if data["ready"]:
         return JSONResponse({"code": 200, "message": "success", "data": data})
-    data["error"] = "no worker has the model loaded yet"
     return JSONResponse({"code": 503, "message": phrase(503), "data": data}, status_code=503)
 
 
