@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 
 
+class AllAccounts:
+    """JobStore.history's default: no owner filter (the HTTP routes always pass the caller's)."""
+
+
+ALL_ACCOUNTS = AllAccounts()
+
+
 class JobStatus(StrEnum):
     CREATED = "created"
     PROCESSING = "processing"
@@ -458,11 +465,15 @@ class JobStore:
         status: str | None = None,
         created_after: float | None = None,
         created_before: float | None = None,
-        account: str | None = None,
+        account: str | None | AllAccounts = ALL_ACCOUNTS,
     ) -> tuple[list[Job], int]:
-        """Newest first, with the total count of matching jobs, of one account only."""
-        where: list[str] = ["account IS ?"]  # IS: None matches the NULL (anonymous) owner
-        args: list[Any] = [account]
+        """Newest first, with the total count of matching jobs; of one account when `account` is
+        given (None: the anonymous owner), of all (operators, tests) by default."""
+        where: list[str] = []
+        args: list[Any] = []
+        if not isinstance(account, AllAccounts):
+            where.append("account IS ?")  # IS: None matches the NULL (anonymous) owner
+            args.append(account)
         if model is not None:
             where.append("model = ?")
             args.append(model)
@@ -475,7 +486,7 @@ class JobStore:
         if created_before is not None:
             where.append("created_at <= ?")
             args.append(created_before)
-        clause = f"WHERE {' AND '.join(where)}"
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
         conn = self._conn()
         total = conn.execute(f"SELECT COUNT(*) FROM predictions {clause}", args).fetchone()[0]
         rows = conn.execute(

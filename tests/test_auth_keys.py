@@ -118,3 +118,12 @@ def test_delete_predictions_removes_only_the_owners_rows_and_their_webhooks(tmp_
     outbox = [row[0] for row in store._conn().execute("SELECT prediction_id FROM webhooks")]
     assert outbox == [ids["team-b"]]
     assert store.delete_predictions([ids["team-b"]], account=None).ids == []
+
+
+def test_history_filters_by_owner_only_when_asked(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    for owner in ("team-a", None):
+        store.create(id=uuid.uuid4().hex, model="m", input={}, params={}, seed=1, base_url="s", account=owner)
+    assert store.history()[1] == 2  # operators and tests see every row
+    assert [j.account for j in store.history(account="team-a")[0]] == ["team-a"]
+    assert [j.account for j in store.history(account=None)[0]] == [None]
