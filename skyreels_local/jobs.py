@@ -535,14 +535,11 @@ class JobStore:
                 if isinstance(image, str):
                     deleted.inputs.append(image)
             if deleted.ids:
+                gone = ",".join("?" * len(deleted.ids))
+                conn.execute(f"DELETE FROM webhooks WHERE prediction_id IN ({gone})", deleted.ids)
+                # A worker running one stops at its next step (the row is gone) and takes the next job.
                 conn.execute(
-                    f"DELETE FROM webhooks WHERE prediction_id IN ({','.join('?' * len(deleted.ids))})",
-                    deleted.ids,
-                )
-                conn.execute(
-                    # its worker stops at the next step (the row is gone) and takes the next job
-                    f"UPDATE workers SET job_id = NULL, state = 'ready' WHERE job_id IN ({','.join('?' * len(deleted.ids))})",
-                    deleted.ids,
+                    f"UPDATE workers SET job_id = NULL, state = 'ready' WHERE job_id IN ({gone})", deleted.ids
                 )
         return deleted
 
