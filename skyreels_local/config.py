@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     insecure_no_auth: bool = Field(
         default=False, description="serve without any API key on a non-loopback address (dangerous)"
     )
+    metrics_require_key: bool = Field(
+        default=False, description="/metrics answers 401 without a valid API key (when auth is on)"
+    )
     public_base_url: str | None = Field(
         default=None,
         description="base of the absolute URLs in responses, e.g. https://gpu1.studio.lan; "

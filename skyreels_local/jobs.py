@@ -34,7 +34,14 @@ from .errors import DiskFullError, SkyreelsError, TaskCode, is_disk_full
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+class AllAccounts:
+    """JobStore.history's default: no owner filter (the HTTP routes always pass the caller's)."""
+
+
+ALL_ACCOUNTS = AllAccounts()
 
 
 class JobStatus(StrEnum):
@@ -86,6 +93,7 @@ class Job:
     worker_id: str | None
     claim: str | None
     cancel_requested: bool
+    account: str | None = None  # the owner (see _upgrade_to_2); None: anonymous or legacy
     input: dict[str, Any] = field(default_factory=dict)  # empty unless loaded (get_full, claims)
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -120,6 +128,7 @@ class Job:
             worker_id=row["worker_id"],
             claim=row["claim"],
             cancel_requested=bool(row["cancel_requested"]),
+            account=row["account"] if "account" in columns else None,
             input=json.loads(row["input"]) if "input" in columns else {},
             params=json.loads(row["params"]) if "params" in columns else {},
         )
@@ -156,6 +165,7 @@ class Upload:
     size: int
     complete: bool
     created_at: float
+    account: str | None = None
 
 
 @dataclass
@@ -164,6 +174,15 @@ class Expired:
 
     output_files: list[str] = field(default_factory=list)
     upload_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Deleted:
+    """What delete_predictions removed: ids, and the files the caller deletes."""
+
+    ids: list[str] = field(default_factory=list)
+    output_files: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # `image` of each deleted prediction
 
 
 _SCHEMA = """
@@ -250,7 +269,19 @@ CREATE TABLE IF NOT EXISTS counters (
 # Every column but the large ones (input, params): what polls and history read.
 _LIGHT_COLUMNS = """seq, id, model, status, seed, base_url, webhook_url, base64_output, preset, profile,
     created_at, started_at, finished_at, progress, outputs, error, code, execution_ms, inference_ms,
-    attempts, worker_id, claim, cancel_requested"""
+    attempts, worker_id, claim, cancel_requested, account"""
+
+
+def _upgrade_to_2(conn: sqlite3.Connection) -> None:
+    """Schema 2: predictions and uploads have an owner, the account of the API key that created
+    them. Rows of an older database get NULL, the same owner as rows created with auth off:
+    they are visible only while the server runs without keys (a keyed server shows them to no
+    account; their signed URLs keep working until retention removes them)."""
+    for table in ("predictions", "uploads"):
+        columns = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if "account" not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN account TEXT")
+    conn.execute("CREATE INDEX IF NOT EXISTS predictions_account_seq ON predictions (account, seq)")
 
 
 class JobStore:
@@ -269,6 +300,8 @@ class JobStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            if version < 2:
+                _upgrade_to_2(conn)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # --- connections -------------------------------------------------------------------------
@@ -334,6 +367,7 @@ class JobStore:
         base64_output: bool = False,
         preset: str = "",
         max_queue: int | None = None,
+        account: str | None = None,
         now: float | None = None,
     ) -> Job:
         """Insert a new job in `created`. Raises QueueFullError past `max_queue` waiting jobs."""
@@ -347,7 +381,7 @@ class JobStore:
                     raise QueueFullError(waiting)
             conn.execute(
                 """INSERT INTO predictions (id, model, status, input, params, seed, base_url, webhook_url,
-                   base64_output, preset, created_at) VALUES (?, ?, 'created', ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   base64_output, preset, created_at, account) VALUES (?, ?, 'created', ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     id,
                     model,
@@ -359,6 +393,7 @@ class JobStore:
                     int(base64_output),
                     preset,
                     now,
+                    account,
                 ),
             )
         job = self.get(id)
@@ -430,9 +465,15 @@ class JobStore:
         status: str | None = None,
         created_after: float | None = None,
         created_before: float | None = None,
+        account: str | None | AllAccounts = ALL_ACCOUNTS,
     ) -> tuple[list[Job], int]:
-        """Newest first, with the total count of matching jobs."""
-        where, args = [], []
+        """Newest first, with the total count of matching jobs; of one account when `account` is
+        given (None: the anonymous owner), of all (operators, tests) by default."""
+        where: list[str] = []
+        args: list[Any] = []
+        if not isinstance(account, AllAccounts):
+            where.append("account IS ?")  # IS: None matches the NULL (anonymous) owner
+            args.append(account)
         if model is not None:
             where.append("model = ?")
             args.append(model)
@@ -472,6 +513,35 @@ class JobStore:
             elif row["status"] == JobStatus.PROCESSING:
                 conn.execute("UPDATE predictions SET cancel_requested = 1 WHERE id = ?", (id,))
         return self.get(id)
+
+    def delete_predictions(self, ids: list[str], *, account: str | None) -> Deleted:
+        """Delete the predictions of `ids` that `account` owns (others are skipped, as unknown
+        ids are), with their webhook outbox rows. The caller cancels running ones first and
+        deletes the files. A worker still running one finds its row gone and stops."""
+        deleted = Deleted()
+        if not ids:
+            return deleted
+        marks = ",".join("?" * len(ids))
+        with self._write() as conn:
+            rows = conn.execute(
+                f"""DELETE FROM predictions WHERE id IN ({marks}) AND account IS ?
+                    RETURNING id, outputs, input""",
+                (*ids, account),
+            ).fetchall()
+            for row in rows:
+                deleted.ids.append(row["id"])
+                deleted.output_files.extend(json.loads(row["outputs"]))
+                image = json.loads(row["input"]).get("image") if row["input"] else None
+                if isinstance(image, str):
+                    deleted.inputs.append(image)
+            if deleted.ids:
+                gone = ",".join("?" * len(deleted.ids))
+                conn.execute(f"DELETE FROM webhooks WHERE prediction_id IN ({gone})", deleted.ids)
+                # A worker running one stops at its next step (the row is gone) and takes the next job.
+                conn.execute(
+                    f"UPDATE workers SET job_id = NULL, state = 'ready' WHERE job_id IN ({gone})", deleted.ids
+                )
+        return deleted
 
     # --- predictions: worker side ------------------------------------------------------------
 
@@ -732,16 +802,30 @@ class JobStore:
     # --- uploads and secrets -----------------------------------------------------------------
 
     def create_upload(
-        self, *, id: str, filename: str, content_type: str, size: int, now: float | None = None
+        self,
+        *,
+        id: str,
+        filename: str,
+        content_type: str,
+        size: int,
+        account: str | None = None,
+        now: float | None = None,
     ) -> Upload:
         now = time.time() if now is None else now
         with self._write() as conn:
             conn.execute(
-                "INSERT INTO uploads (id, filename, content_type, size, created_at) VALUES (?, ?, ?, ?, ?)",
-                (id, filename, content_type, size, now),
+                """INSERT INTO uploads (id, filename, content_type, size, created_at, account)
+                   VALUES (?, ?, ?, ?, ?, ?)""",
+                (id, filename, content_type, size, now, account),
             )
         return Upload(
-            id=id, filename=filename, content_type=content_type, size=size, complete=False, created_at=now
+            id=id,
+            filename=filename,
+            content_type=content_type,
+            size=size,
+            complete=False,
+            created_at=now,
+            account=account,
         )
 
     def complete_upload(self, id: str, *, size: int, content_type: str) -> None:
@@ -756,6 +840,12 @@ class JobStore:
         if row is None:
             return None
         return Upload(**{**dict(row), "complete": bool(row["complete"])})
+
+    def delete_upload(self, id: str, *, account: str | None) -> bool:
+        """Remove an upload's row when `account` owns it; the caller deletes its files."""
+        with self._write() as conn:
+            cursor = conn.execute("DELETE FROM uploads WHERE id = ? AND account IS ?", (id, account))
+        return cursor.rowcount == 1
 
     def secret(self, name: str, default: str) -> str:
         """The stored secret `name`, created as `default` on first use (the same in every process)."""

@@ -109,6 +109,15 @@ def upload_path(upload: Upload) -> str:
     return f"{UPLOADS_PREFIX}{upload.id}/{upload.filename}"
 
 
+def upload_id_in(url: str) -> str | None:
+    """The upload id when `url` is one of our upload URLs (any host), else None."""
+    try:
+        match = _UPLOAD_PATH.search(urlsplit(url).path)
+    except ValueError:  # not a parsable URL, so not one of ours
+        return None
+    return match.group(1) if match else None
+
+
 # --- upload storage --------------------------------------------------------------------------
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -148,7 +157,9 @@ class UploadStore:
         self.max_bytes = max_bytes
         root.mkdir(parents=True, exist_ok=True)
 
-    def new(self, *, filename: object, size: int, content_type: str | None) -> Upload:
+    def new(
+        self, *, filename: object, size: int, content_type: str | None, account: str | None = None
+    ) -> Upload:
         if size > self.max_bytes:
             raise PayloadTooLargeError(f"`size` {size} is larger than the {self.max_bytes} bytes allowed")
         return self.store.create_upload(
@@ -156,6 +167,7 @@ class UploadStore:
             filename=safe_filename(filename),
             content_type=content_type or "application/octet-stream",
             size=size,
+            account=account,
         )
 
     def file(self, upload: Upload) -> Path:

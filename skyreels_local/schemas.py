@@ -286,6 +286,10 @@ class UploadedFile(BaseModel):
     download_url: str
 
 
+class DeletedCount(BaseModel):
+    deleted_count: int = Field(description="how many of the given ids were the caller's and are now deleted")
+
+
 class WebhookSecret(BaseModel):
     secret: str = Field(description="whsec_ + the HMAC key (strip the prefix, use as UTF-8 text)")
 

@@ -230,6 +230,10 @@ class GpuWorker:
                     denoise_s=float(result.timings.get("denoise_s", 0.0)),
                 ),
             )
+            if self.store.get(job.id) is None:  # deleted while it ran: its output goes too
+                (self.paths.outputs / name).unlink(missing_ok=True)
+                log.info("prediction %s: deleted while running; output removed", job.id)
+                return
             log.info("prediction %s: completed in %.1fs (seed %d)", job.id, elapsed_ms / 1000, result.seed)
             return
         self._record(job.id, lambda: self.store.fail(job.id, claim, code=code, error=message))

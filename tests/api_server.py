@@ -93,6 +93,11 @@ class RunningServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def auth(server: RunningServer) -> dict[str, str]:
+    """The Authorization header of the server's key (/ready shows workers' detail only with it)."""
+    return {"Authorization": f"Bearer {server.api_key}"}
+
+
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a test server: ours only (no SKYREELS_* leaking in from the shell)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKYREELS_")}

@@ -14,7 +14,7 @@ from api_server import MODEL_PATH, data_uri, server_env
 from fastapi.testclient import TestClient
 
 from skyreels_local.api import create_app
-from skyreels_local.api.auth import ApiKeys
+from skyreels_local.api.auth import ApiKeys, bare_key_account
 from skyreels_local.api.services import DataDirInUseError
 from skyreels_local.config import Settings
 
@@ -55,7 +55,10 @@ def test_the_http_process_never_imports_torch(tmp_path):
 
 def test_ready_is_503_in_the_envelope_until_a_worker_is_up(tmp_path):
     with app_client(tmp_path, api_keys=["k"]) as client:
-        response = client.get("/ready")
+        anonymous = client.get("/ready")
+        assert anonymous.status_code == 503
+        assert anonymous.json()["data"] == {"ready": False, "state": "loading"}  # the state only
+        response = client.get("/ready", headers={"Authorization": "Bearer k"})
         assert response.status_code == 503
         body = response.json()
         assert body["code"] == 503 and body["message"] == "Service Unavailable"
@@ -70,7 +73,7 @@ def test_ready_is_503_in_the_envelope_until_a_worker_is_up(tmp_path):
         services = client.app.state.services
         services.store.register_worker("w9", pid=1, device="cuda")
         services.store.update_worker("w9", state="ready", model="/weights", profile="bf16-resident")
-        ready = client.get("/ready").json()["data"]
+        ready = client.get("/ready", headers={"Authorization": "Bearer k"}).json()["data"]
         assert ready["ready"] is True and ready["model"] == "/weights" and ready["profile"] == "bf16-resident"
 
 
@@ -109,7 +112,7 @@ def test_keys_file_is_reread_when_it_changes(tmp_path):
         get = lambda key: client.get("/api/v3/models", headers={"Authorization": f"Bearer {key}"})  # noqa: E731
         assert get("old-key").status_code == 200
         assert get("new-key").status_code == 401
-        keys.write_text("new-key  # rotated\n\n")
+        keys.write_text("  # rotated\nnew-key\n\n")
         assert get("new-key").status_code == 200
         assert get("old-key").status_code == 401
         keys.write_text("")
@@ -129,10 +132,19 @@ def test_the_retention_sweep_removes_old_predictions_uploads_and_their_files(tmp
     with app_client(tmp_path, retention_days=7, api_keys=["k"]) as client:
         services = client.app.state.services
         store, now = services.store, time.time()
-        kept = {}
+        kept, owner = {}, bare_key_account("k")
         for label, created in (("old", now - 8 * 86400), ("recent", now - 6 * 86400)):
             job_id = uuid.uuid4().hex
-            store.create(id=job_id, model="m", input={}, params={}, seed=1, base_url="http://s", now=created)
+            store.create(
+                id=job_id,
+                model="m",
+                input={},
+                params={},
+                seed=1,
+                base_url="http://s",
+                now=created,
+                account=owner,
+            )
             store.claim_next("w0", label, now=created)
             store.complete(
                 job_id, label, outputs=[f"{job_id}.mp4"], execution_ms=1, inference_ms=1, now=created

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from api_server import API_KEY, MODEL_PATH, data_uri, local_site, png_bytes, running_server
+from api_server import API_KEY, MODEL_PATH, auth, data_uri, local_site, png_bytes, running_server
 
 from skyreels_local.video import read_mp4
 
@@ -96,7 +96,7 @@ def test_health_and_ready_report_model_profile_and_workers(server):
     health = httpx.get(server.base_url + "/health")
     assert health.status_code == 200
     assert health.json()["data"]["status"] == "ok"
-    ready = httpx.get(server.base_url + "/ready")
+    ready = httpx.get(server.base_url + "/ready", headers=auth(server))  # detail needs the key
     assert ready.status_code == 200
     data = ready.json()["data"]
     assert data["ready"] is True

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_server import TESTS_DIR, data_uri, local_site, running_server
+from api_server import TESTS_DIR, auth, data_uri, local_site, running_server
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import wait_until
 
@@ -45,7 +45,7 @@ def body(prompt: str = "a calm sea", steps: int = 1) -> dict:
 
 
 def worker_pid(server) -> int:
-    return httpx.get(server.base_url + "/ready").json()["data"]["workers"][0]["pid"]
+    return httpx.get(server.base_url + "/ready", headers=auth(server)).json()["data"]["workers"][0]["pid"]
 
 
 def metrics(server) -> dict[str, float]:

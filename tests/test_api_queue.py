@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 import wavespeed
-from api_server import MODEL_PATH, data_uri, running_server
+from api_server import MODEL_PATH, auth, data_uri, running_server
 from waiting import wait_until
 
 from skyreels_local.video import read_mp4
@@ -151,7 +151,7 @@ def test_the_official_client_reports_a_sync_timeout(server, client):
 
 
 def test_a_worker_killed_mid_job_is_restarted_and_the_job_runs_again(server, client):
-    old_pid = httpx.get(server.base_url + "/ready").json()["data"]["workers"][0]["pid"]
+    old_pid = httpx.get(server.base_url + "/ready", headers=auth(server)).json()["data"]["workers"][0]["pid"]
     job = server.submit(body(8))
     server.wait(job["id"], statuses=("processing",), timeout=60)
     behind = server.submit(body(1))  # accepted while the worker is busy, then dies
@@ -170,7 +170,7 @@ def test_a_worker_killed_mid_job_is_restarted_and_the_job_runs_again(server, cli
     assert server.wait(behind["id"], timeout=60)["status"] == "completed"
     for done in (job, behind):  # every accepted job has its row and its file
         assert (server.data_dir / "outputs" / f"{done['id']}.mp4").stat().st_size > 0
-    ready = httpx.get(server.base_url + "/ready").json()["data"]
+    ready = httpx.get(server.base_url + "/ready", headers=auth(server)).json()["data"]
     assert ready["ready"] and ready["workers"][0]["pid"] != old_pid
     metrics = httpx.get(server.base_url + "/metrics").text
     assert "skyreels_worker_restarts_total 1.0" in metrics

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from api_server import data_uri, local_site, start_server, stop_server, wait_ready
+from api_server import auth, data_uri, local_site, start_server, stop_server, wait_ready
 from waiting import wait_until
 
 from skyreels_local.jobs import JobStatus, JobStore
@@ -44,7 +44,8 @@ def test_kill_9_of_the_server_restart_then_sigterm(tmp_path):
         port = first.port  # the next lives listen where the first did (its URLs stay good)
         try:
             wait_ready(first)
-            worker_pid = httpx.get(first.base_url + "/ready").json()["data"]["workers"][0]["pid"]
+            workers = httpx.get(first.base_url + "/ready", headers=auth(first)).json()["data"]["workers"]
+            worker_pid = workers[0]["pid"]
             finished = first.wait(first.submit(body(1), webhook=f"{site.url}/hook")["id"])
             assert finished["status"] == "completed"
             site.wait_for(1)  # one failed delivery attempt

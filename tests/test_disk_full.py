@@ -13,7 +13,7 @@ import uuid
 import httpx
 import numpy as np
 import pytest
-from api_server import MODEL_PATH, data_uri, png_bytes, running_server
+from api_server import MODEL_PATH, auth, data_uri, png_bytes, running_server
 from small_disk import fill, small_filesystem
 from waiting import wait_until
 
@@ -80,7 +80,8 @@ def test_a_server_whose_disk_fills_mid_job(tmp_path):
     ):
         before = server.wait(server.submit({**body, "num_inference_steps": 1})["id"])
         assert before["status"] == "completed"
-        worker_pid = httpx.get(server.base_url + "/ready").json()["data"]["workers"][0]["pid"]
+        workers = httpx.get(server.base_url + "/ready", headers=auth(server)).json()["data"]["workers"]
+        worker_pid = workers[0]["pid"]
         running = server.submit({**body, "num_inference_steps": 12})  # about 3 s of denoising
         server.wait(running["id"], statuses=("processing",))
         filler = fill(data_dir)
@@ -123,7 +124,10 @@ def test_a_server_whose_disk_fills_mid_job(tmp_path):
         # Space is back: the same worker (no restart, model still loaded) runs the next job.
         after = server.wait(server.submit({**body, "num_inference_steps": 1})["id"])
         assert after["status"] == "completed"
-        assert httpx.get(server.base_url + "/ready").json()["data"]["workers"][0]["pid"] == worker_pid
+        assert (
+            httpx.get(server.base_url + "/ready", headers=auth(server)).json()["data"]["workers"][0]["pid"]
+            == worker_pid
+        )
         video = tmp_path / "before.mp4"
         video.write_bytes(httpx.get(before["outputs"][0]).content)
         assert read_mp4(video)[0].shape[0] == 9

@@ -68,22 +68,50 @@ class ApiKeyGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(self.PROTECTED_PREFIX):
             services: Services = scope["app"].state.services
-            error = _check_key(services, Headers(scope=scope).get("authorization", ""))
+            account, error = _check_key(services, Headers(scope=scope).get("authorization", ""))
             if error is not None:
                 response = error_response(401, error, {"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
+            scope.setdefault("state", {})[ACCOUNT_STATE] = account  # read by `account` below
         await self.app(scope, receive, send)
 
 
-def _check_key(services: Services, header: str) -> str | None:
-    """None when the request may pass, else what is wrong."""
+ACCOUNT_STATE = "account"
+
+
+def _check_key(services: Services, header: str) -> tuple[str | None, str | None]:
+    """(the caller's account, None) when the request may pass, else (None, what is wrong).
+    With auth off every caller is the anonymous account, None."""
     if not services.auth.enabled:
-        return None
+        return None, None
     scheme, _, key = header.partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
-        return "missing API key: send `Authorization: Bearer <key>`"
-    if not services.auth.check(key):
-        return "invalid API key"
-    return None
+        return None, "missing API key: send `Authorization: Bearer <key>`"
+    account = services.auth.account_of(key)
+    if account is None:
+        return None, "invalid API key"
+    return account, None
+
+
+def has_valid_key(request: Request) -> bool:
+    """For public routes that show more to an authenticated caller (/ready, /health)."""
+    services: Services = request.app.state.services
+    if not services.auth.enabled:
+        return True
+    account, error = _check_key(services, request.headers.get("authorization", ""))
+    return error is None and account is not None
+
+
+def account(request: Request) -> str | None:
+    """The account the caller's key belongs to (None: auth is off, the anonymous account).
+    Fails closed: a route outside ApiKeyGate's prefix has no account."""
+    marker = object()
+    value = getattr(request.state, ACCOUNT_STATE, marker)
+    if value is marker:
+        raise RuntimeError(f"{request.url.path} is not behind ApiKeyGate: no account")
+    return value
+
+
+AccountDep = Annotated[str | None, Depends(account)]

@@ -27,12 +27,13 @@ from .. import MODEL_ID
 from ..config import Settings
 from ..errors import SkyreelsError, TaskCode
 from ..jobs import TERMINAL_STATUSES, Job, JobStatus, JobStore
-from ..media import AddressPolicy, Links, UploadStore, UrlSigner
+from ..media import AddressPolicy, Links, UploadStore, UrlSigner, upload_id_in
 from ..paths import DataPaths
 from ..schemas import Prediction, SkyReelsInput, prediction_from_job
 from ..supervisor import WorkerSupervisor
 from ..webhooks import SECRET_PREFIX, WebhookDispatcher, new_secret
 from .auth import ApiKeys
+from .errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,9 @@ class Services:
 
     # --- predictions -------------------------------------------------------------------------
 
-    def submit(self, parsed: SkyReelsInput, body: dict[str, Any], base_url: str) -> Job:
+    def submit(
+        self, parsed: SkyReelsInput, body: dict[str, Any], base_url: str, account: str | None = None
+    ) -> Job:
         self._refuse_when_no_worker_can_load()
         # A seed is drawn now, not by the worker, so `data.seed` is known from the first reply.
         params = parsed.params.with_drawn_seed()
@@ -199,18 +202,44 @@ class Services:
             base64_output=parsed.enable_base64_output,
             preset=self.settings.preset,
             max_queue=self.settings.max_queue,
+            account=account,
         )
         log.info(
             "prediction %s: submitted (seed %d, %d steps)", job.id, params.seed, params.num_inference_steps
         )
         return job
 
+    def owned(self, prediction_id: str, account: str | None) -> Job | None:
+        """The prediction when `account` owns it; None for unknown ids and other accounts' ones
+        alike (a 404 either way: ids of other accounts are not even confirmed to exist)."""
+        job = self.store.get(prediction_id)
+        return job if job is not None and job.account == account else None
+
+    def delete_predictions(self, ids: list[str], account: str | None) -> int:
+        """Delete `account`'s predictions among `ids`: waiting or running ones are cancelled
+        first; each one's row, output files and input upload go. Returns how many were deleted."""
+        for prediction_id in ids:
+            job = self.owned(prediction_id, account)
+            if job is not None and not job.terminal:
+                self.store.request_cancel(prediction_id)
+        deleted = self.store.delete_predictions(ids, account=account)
+        for name in deleted.output_files:
+            (self.paths.outputs / name).unlink(missing_ok=True)
+        for image in deleted.inputs:
+            upload_id = upload_id_in(image)
+            if upload_id and self.store.delete_upload(upload_id, account=account):
+                self.uploads.delete(upload_id)
+        if deleted.ids:
+            log.info("deleted %d predictions: %s", len(deleted.ids), ", ".join(deleted.ids))
+        return len(deleted.ids)
+
     async def wait(self, prediction_id: str, timeout_s: float) -> Job:
         """Poll the job table until the job is terminal or `timeout_s` passes (sync mode)."""
         deadline = time.monotonic() + timeout_s
         while True:
             job = await run_in_threadpool(self.store.get, prediction_id)
-            assert job is not None
+            if job is None:  # deleted (POST /api/v3/predictions/delete) while the client waited
+                raise NotFoundError(f"prediction {prediction_id!r} was deleted")
             remaining = deadline - time.monotonic()
             if job.status in TERMINAL_STATUSES or remaining <= 0:
                 return job
@@ -226,6 +255,15 @@ class Services:
 
     # --- health ------------------------------------------------------------------------------
 
+    @staticmethod
+    def _state(ready: bool, workers: list[dict[str, Any]], load_error: str | None) -> str:
+        """ready | failed (no worker can load the model, or every worker gave up) | loading."""
+        if ready:
+            return "ready"
+        if load_error or (workers and all(w["state"] == "failed" for w in workers)):
+            return "failed"
+        return "loading"
+
     def _workers_up(self, workers: list | None = None) -> list:
         now = time.time()
         workers = self.store.workers() if workers is None else workers
@@ -235,7 +273,7 @@ class Services:
         workers = self.store.workers()
         up = self._workers_up(workers)
         ready_worker = up[0] if up else None
-        return {
+        data = {
             "ready": ready_worker is not None,
             # Why no worker can serve (a load error, retried with backoff); None when ready or loading.
             "load_error": None if ready_worker else self.supervisor.load_failure(),
@@ -257,6 +295,8 @@ class Services:
                 for w in workers
             ],
         }
+        data["state"] = self._state(data["ready"], data["workers"], data["load_error"])
+        return data
 
     # --- retention ---------------------------------------------------------------------------
 

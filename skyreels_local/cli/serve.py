@@ -60,23 +60,36 @@ class ServeConfigError(SkyreelsError):
 
 
 def check_bind_policy(settings: Settings) -> None:
-    """No key configured: loopback only, unless --insecure-no-auth (then say so loudly)."""
+    """No real key configured: loopback only, unless --insecure-no-auth (then say so loudly).
+    Empty entries (`--api-key "$KEY"` with KEY unset) count as no key: they never turn auth off
+    on a public address."""
+    from ..api.auth import configured_keys  # here: `skyreels-local --help` stays fast
+
     if settings.api_keys_file and not Path(settings.api_keys_file).expanduser().is_file():
         raise ServeConfigError(f"--api-keys-file {str(settings.api_keys_file)!r} does not exist")
-    if settings.api_keys or settings.api_keys_file:
+    if configured_keys(settings.api_keys, settings.api_keys_file):
+        return
+    banner = "!" * 78
+    if is_loopback(settings.host) and settings.api_keys_file:
+        log.warning(
+            "API keys file %s has no key: every API request is refused until one is added",
+            settings.api_keys_file,
+        )
         return
     if is_loopback(settings.host):
         log.warning(
-            "no API key configured: every request to %s:%d is accepted (fine on loopback; set "
-            "SKYREELS_API_KEYS or --api-key before exposing the server)", settings.host, settings.port,
+            "\n%s\n!! no API key configured: authentication is OFF, every request to %s:%d is accepted.\n"
+            "!! (Empty --api-key / SKYREELS_API_KEYS / keys-file entries are ignored.) Fine on\n"
+            "!! loopback; set a key before exposing the server.\n%s",
+            banner, settings.host, settings.port, banner,
         )  # fmt: skip
         return
     if not settings.insecure_no_auth:
         raise ServeConfigError(
-            f"refusing to listen on {settings.host} without an API key: set SKYREELS_API_KEYS, --api-key or "
-            "--api-keys-file (or pass --insecure-no-auth to serve anyone who can reach this address)"
+            f"refusing to listen on {settings.host} without an API key (empty keys are ignored): set "
+            "SKYREELS_API_KEYS, --api-key or --api-keys-file (or pass --insecure-no-auth to serve anyone "
+            "who can reach this address)"
         )
-    banner = "!" * 78
     log.warning(
         "\n%s\n!! INSECURE: no API key, listening on %s:%d. ANYONE who can reach this address can\n"
         "!! run jobs and read every prediction. Remove --insecure-no-auth and set an API key.\n%s",

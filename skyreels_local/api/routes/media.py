@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from ...errors import DiskFullError, is_disk_full
 from ...media import PayloadTooLargeError
 from ...schemas import Envelope, UploadedFile, UploadInstruction, UploadTicket, UploadTicketRequest
-from ..deps import Authenticated, BaseUrlDep, ServicesDep
+from ..deps import AccountDep, Authenticated, BaseUrlDep, ServicesDep
 from .predictions import ERRORS
 
 router = APIRouter(prefix="/api/v3/media", dependencies=[Authenticated], responses=ERRORS, tags=["media"])
@@ -25,10 +25,10 @@ CHUNK = 1024 * 1024
     summary="Start an upload: returns a signed PUT URL (no Authorization needed) and the download URL",
 )
 def create_upload(
-    ticket: UploadTicketRequest, services: ServicesDep, base_url: BaseUrlDep
+    ticket: UploadTicketRequest, services: ServicesDep, base_url: BaseUrlDep, account: AccountDep
 ) -> Envelope[UploadTicket]:
     upload = services.uploads.new(
-        filename=ticket.filename, size=ticket.size, content_type=ticket.content_type
+        filename=ticket.filename, size=ticket.size, content_type=ticket.content_type, account=account
     )
     return Envelope(
         data=UploadTicket(
@@ -49,9 +49,14 @@ def create_upload(
     summary="Upload an image as multipart form data (field `file`)",
 )
 async def upload_binary(
-    file: Annotated[UploadFile, File(description="the image")], services: ServicesDep, base_url: BaseUrlDep
+    file: Annotated[UploadFile, File(description="the image")],
+    services: ServicesDep,
+    base_url: BaseUrlDep,
+    account: AccountDep,
 ) -> Envelope[UploadedFile]:
-    upload = services.uploads.new(filename=file.filename or "upload", size=0, content_type=file.content_type)
+    upload = services.uploads.new(
+        filename=file.filename or "upload", size=0, content_type=file.content_type, account=account
+    )
     size = await store_upload(services, upload, _chunks(file))
     return Envelope(
         data=UploadedFile(

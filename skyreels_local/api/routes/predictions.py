@@ -9,8 +9,10 @@ from starlette.concurrency import run_in_threadpool
 
 from ... import MODEL_ID
 from ...errors import InvalidInputError, TaskCode
-from ...jobs import JobStatus
+from ...jobs import Job, JobStatus
+from ...media import shorten
 from ...schemas import (
+    DeletedCount,
     Envelope,
     ErrorEnvelope,
     Prediction,
@@ -19,7 +21,7 @@ from ...schemas import (
     parse_datetime,
     parse_skyreels_input,
 )
-from ..deps import Authenticated, BaseUrlDep, ServicesDep, json_body
+from ..deps import AccountDep, Authenticated, BaseUrlDep, ServicesDep, json_body
 from ..errors import NotFoundError
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -50,11 +52,12 @@ _SUBMIT_BODY = {
 async def submit(
     services: ServicesDep,
     base_url: BaseUrlDep,
+    account: AccountDep,
     body: Annotated[Any, Depends(json_body)],
     webhook: Annotated[str | None, Query(description="URL that receives the finished prediction")] = None,
 ) -> Envelope[Prediction]:
     parsed = parse_skyreels_input(body, webhook_query=webhook)
-    job = await run_in_threadpool(services.submit, parsed, body, base_url)
+    job = await run_in_threadpool(services.submit, parsed, body, base_url, account)
     if not parsed.enable_sync_mode:
         return Envelope(data=await run_in_threadpool(services.render, job, base_url))
     wait_s = services.settings.sync_wait_s
@@ -73,11 +76,18 @@ def unknown_model(model_id: str) -> None:
     raise NotFoundError(f"model {model_id!r} is not served here; this server serves {MODEL_ID!r}")
 
 
-def _get(services: ServicesDep, prediction_id: str, base_url: str) -> Envelope[Prediction]:
-    job = services.store.get(prediction_id)
+def _owned(services: ServicesDep, prediction_id: str, account: str | None) -> Job:
+    """The caller's prediction; another account's is a 404 exactly like an unknown id."""
+    job = services.owned(prediction_id, account)
     if job is None:
         raise NotFoundError(f"prediction {prediction_id!r} not found")
-    return Envelope(data=services.render(job, base_url))
+    return job
+
+
+def _get(
+    services: ServicesDep, prediction_id: str, base_url: str, account: str | None
+) -> Envelope[Prediction]:
+    return Envelope(data=services.render(_owned(services, prediction_id, account), base_url))
 
 
 @router.get(
@@ -87,8 +97,10 @@ def _get(services: ServicesDep, prediction_id: str, base_url: str) -> Envelope[P
     summary="Poll a prediction (what every SDK calls)",
     tags=["predictions"],
 )
-def get_result(prediction_id: str, services: ServicesDep, base_url: BaseUrlDep) -> Envelope[Prediction]:
-    return _get(services, prediction_id, base_url)
+def get_result(
+    prediction_id: str, services: ServicesDep, base_url: BaseUrlDep, account: AccountDep
+) -> Envelope[Prediction]:
+    return _get(services, prediction_id, base_url, account)
 
 
 @router.get(
@@ -98,10 +110,19 @@ def get_result(prediction_id: str, services: ServicesDep, base_url: BaseUrlDep) 
     summary="Get a prediction",
     tags=["predictions"],
 )
-def get_prediction(prediction_id: str, services: ServicesDep, base_url: BaseUrlDep) -> Envelope[Prediction]:
-    return _get(services, prediction_id, base_url)
+def get_prediction(
+    prediction_id: str, services: ServicesDep, base_url: BaseUrlDep, account: AccountDep
+) -> Envelope[Prediction]:
+    return _get(services, prediction_id, base_url, account)
 
 
+@router.delete(
+    "/predictions/{prediction_id}",
+    response_model=Envelope[Prediction],
+    response_model_exclude_none=True,
+    summary="Cancel a prediction, as `POST .../cancel` (what some hosted-API CLIs send)",
+    tags=["predictions"],
+)
 @router.post(
     "/predictions/{prediction_id}/cancel",
     response_model=Envelope[Prediction],
@@ -109,7 +130,10 @@ def get_prediction(prediction_id: str, services: ServicesDep, base_url: BaseUrlD
     summary="Cancel a prediction (extra): waiting ones at once, running ones at the next step",
     tags=["predictions"],
 )
-def cancel(prediction_id: str, services: ServicesDep, base_url: BaseUrlDep) -> Envelope[Prediction]:
+def cancel(
+    prediction_id: str, services: ServicesDep, base_url: BaseUrlDep, account: AccountDep
+) -> Envelope[Prediction]:
+    _owned(services, prediction_id, account)
     job = services.store.request_cancel(prediction_id)
     if job is None:
         raise NotFoundError(f"prediction {prediction_id!r} not found")
@@ -121,7 +145,39 @@ def cancel(prediction_id: str, services: ServicesDep, base_url: BaseUrlDep) -> E
 _STATUSES = [s.value for s in JobStatus]
 
 
-def _history(services: ServicesDep, base_url: str, query: dict[str, Any]) -> Envelope[PredictionPage]:
+MAX_DELETE_IDS = 100
+
+
+@router.post(
+    "/predictions/delete",
+    response_model=Envelope[DeletedCount],
+    summary=f"Delete predictions (ids, at most {MAX_DELETE_IDS}): rows, outputs and input uploads; "
+    "waiting or running ones are cancelled first; only the caller's own count",
+    tags=["predictions"],
+)
+def delete_predictions(
+    services: ServicesDep, account: AccountDep, body: Annotated[Any, Depends(json_body)]
+) -> Envelope[DeletedCount]:
+    ids = _delete_ids(body)
+    deleted = services.delete_predictions(ids, account)
+    return Envelope(data=DeletedCount(deleted_count=deleted))
+
+
+def _delete_ids(body: Any) -> list[str]:
+    """`{"ids": [...]}`: a list of at most MAX_DELETE_IDS strings, duplicates counted once."""
+    if not isinstance(body, dict):
+        raise InvalidInputError("body", type(body).__name__, "must be a JSON object")
+    ids = body.get("ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise InvalidInputError("ids", shorten(repr(ids)), "must be a list of prediction ids (strings)")
+    if len(ids) > MAX_DELETE_IDS:
+        raise InvalidInputError("ids", f"{len(ids)} ids", f"must hold at most {MAX_DELETE_IDS} ids")
+    return list(dict.fromkeys(ids))
+
+
+def _history(
+    services: ServicesDep, base_url: str, query: dict[str, Any], account: str | None
+) -> Envelope[PredictionPage]:
     if not isinstance(query, dict):
         raise InvalidInputError("body", type(query).__name__, "must be a JSON object")
     page = query.get("page") or 1
@@ -143,6 +199,7 @@ def _history(services: ServicesDep, base_url: str, query: dict[str, Any]) -> Env
         status=status,
         created_after=parse_datetime("created_after", query.get("created_after")),
         created_before=parse_datetime("created_before", query.get("created_before")),
+        account=account,
     )
     items = [services.render(job, base_url, urls_only=True) for job in jobs]
     return Envelope(data=PredictionPage(page=page, page_size=page_size, total=total, items=items))
@@ -156,9 +213,12 @@ def _history(services: ServicesDep, base_url: str, query: dict[str, Any]) -> Env
     tags=["predictions"],
 )
 def history(
-    services: ServicesDep, base_url: BaseUrlDep, body: Annotated[Any, Depends(json_body)]
+    services: ServicesDep,
+    base_url: BaseUrlDep,
+    account: AccountDep,
+    body: Annotated[Any, Depends(json_body)],
 ) -> Envelope[PredictionPage]:
-    return _history(services, base_url, body)
+    return _history(services, base_url, body, account)
 
 
 @router.get(
@@ -171,6 +231,7 @@ def history(
 def history_get(
     services: ServicesDep,
     base_url: BaseUrlDep,
+    account: AccountDep,
     page: int = 1,
     page_size: int = 100,
     model: str | None = None,
@@ -186,4 +247,4 @@ def history_get(
         "created_after": created_after,
         "created_before": created_before,
     }
-    return _history(services, base_url, query)
+    return _history(services, base_url, query, account)
