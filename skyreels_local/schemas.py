@@ -269,7 +269,17 @@ class WebhookSecret(BaseModel):
     secret: str = Field(description="whsec_ + the HMAC key (strip the prefix, use as UTF-8 text)")
 
 
+class Balance(BaseModel):
+    """`GET /api/v3/balance`: a self-hosted server bills nothing, so the balance is a fixed large
+    number (clients that check for credit before submitting go ahead) marked unmetered."""
+
+    balance: float = 1_000_000.0
+    currency: str = "USD"
+    unmetered: bool = True
+
+
 class ModelInfo(BaseModel):
+    id: str  # = model_id: some clients read `id`
     model_id: str
     name: str
     type: str

@@ -71,5 +71,4 @@ def create_app(settings: Settings, *, log_level: str = "INFO") -> FastAPI:
     app.include_router(system.router)
     app.include_router(media.router)
     app.include_router(predictions.router)
-    app.include_router(predictions.unknown_model_router)  # last: the catch-all 404 for model ids
     return app

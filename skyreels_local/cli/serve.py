@@ -46,6 +46,16 @@ _FLAGS: list[tuple[str, str, dict]] = [
     ("--workers", "workers", {"type": int, "help": "worker processes (default: one per GPU, or 1)"}),
     ("--sync-wait-s", "sync_wait_s", {"type": float, "help": "longest wait of an enable_sync_mode request"}),
     ("--max-queue", "max_queue", {"type": int, "help": "waiting jobs before submit answers 429"}),
+    (
+        "--request-header-timeout-s",
+        "request_header_timeout_s",
+        {"type": float, "help": "close a connection that sends no complete request head this long"},
+    ),
+    (
+        "--max-connections",
+        "max_connections",
+        {"type": int, "help": "open connections before new requests get 503"},
+    ),
     ("--max-upload-bytes", "max_upload_bytes", {"type": int, "help": "largest accepted upload"}),
     ("--max-download-bytes", "max_download_bytes", {"type": int, "help": "largest input image download"}),
     (
@@ -173,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..api import create_app
+    from ..api.limits import KEEP_ALIVE_S, header_timeout_protocol
 
     app = create_app(settings, log_level=args.log_level)
     uvicorn.run(
@@ -182,5 +193,10 @@ def run(args: argparse.Namespace) -> int:
         log_config=None,  # keep the CLI's logging setup
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=5,  # sync-mode requests would otherwise hold a shutdown open
+        # Slow clients: no complete request head in time -> closed; idle keep-alive -> closed
+        # after 5 s (uvicorn's default, stated here); past max_connections new requests get 503.
+        http=header_timeout_protocol(settings.request_header_timeout_s),
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=settings.max_connections,
     )
     return 0

@@ -1,0 +1,173 @@
+"""Resources under load and slow clients, against a real server process: database connections
+stay bounded under polling bursts, a client that never completes its request head is cut off
+while slow bodies are not, and unknown /api/v3 routes are 404s in the envelope."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from threading import Barrier
+
+import httpx
+import pytest
+from api_server import API_KEY, data_uri, running_server
+
+from skyreels_local.jobs import POOL_SIZE
+
+HEADER_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("ops") / "data"
+    args = ["--request-header-timeout-s", str(HEADER_TIMEOUT_S)]
+    with running_server(data_dir, args=args) as server:
+        yield server
+
+
+def open_fds(pid: int) -> list[str]:
+    fd_dir = f"/proc/{pid}/fd"
+    targets = []
+    for name in os.listdir(fd_dir):
+        with contextlib.suppress(FileNotFoundError):  # closed while we looked
+            targets.append(os.readlink(f"{fd_dir}/{name}"))
+    return targets
+
+
+def poll_burst(server, prediction_id: str, clients: int = 40, polls_each: int = 3) -> None:
+    """`clients` connections polling at once, so the server runs up to 40 threadpool threads."""
+    start = Barrier(clients)
+
+    def poll() -> None:
+        with server.client() as client:
+            start.wait()
+            for _ in range(polls_each):
+                assert client.get(f"/api/v3/predictions/{prediction_id}/result").status_code == 200
+
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(poll) for _ in range(clients)]:
+            future.result()
+
+
+def test_polling_bursts_keep_file_descriptors_bounded(server):
+    job = server.submit({"image": data_uri(), "prompt": "fd check", "num_inference_steps": 2})
+    pid = server.process.pid
+    poll_burst(server, job["id"], clients=4)  # warm-up: the pool's steady connections
+    time.sleep(0.5)
+    baseline = len(open_fds(pid))
+    # No idle wait between bursts is needed: the threads of a burst are still alive right after
+    # it, which is when per-thread connections (the old design) held the most descriptors
+    # (3 per thread: db, -wal, -shm). A pool must stay bounded whether threads live or retire.
+    counts = []
+    for _ in range(3):
+        poll_burst(server, job["id"])
+        time.sleep(0.5)  # the clients' sockets are closed; let the server see it
+        fds = open_fds(pid)
+        counts.append(len(fds))
+    database = [target for target in fds if "jobs.sqlite3" in target]
+    assert max(counts) - baseline <= 25, (baseline, counts, database)
+    # Each pooled connection holds the db file and its -wal; the -shm is shared.
+    assert len(database) <= 2 * POOL_SIZE + 1, database
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    sock.settimeout(timeout)
+    started = time.monotonic()
+    received = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return received, time.monotonic() - started
+        received += chunk
+
+
+def test_a_connection_without_a_complete_request_head_is_closed(server):
+    port = int(server.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0")  # never finished
+        received, waited = read_until_closed(sock, timeout=HEADER_TIMEOUT_S + 8)
+    assert received == b""
+    assert HEADER_TIMEOUT_S - 0.5 <= waited <= HEADER_TIMEOUT_S + 3, waited
+
+
+def test_a_keep_alive_connection_that_starts_a_second_request_and_stalls_is_closed(server):
+    port = int(server.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(5)
+        first = sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        sock.sendall(b"GET /hea")  # the next request starts within keep-alive, then stalls
+        received, waited = read_until_closed(sock, timeout=HEADER_TIMEOUT_S + 8)
+    assert received == b""
+    assert waited <= HEADER_TIMEOUT_S + 3, waited
+
+
+def test_a_slow_request_body_is_not_cut_off_by_the_head_timeout(server):
+    """The head timeout guards only the request head: an upload that takes longer still works."""
+    port = int(server.base_url.rsplit(":", 1)[1])
+    body = b'{"page": 1, "page_size": 5}'
+    head = (
+        "POST /api/v3/predictions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head)
+        pieces = [body[i : i + 5] for i in range(0, len(body), 5)]
+        for piece in pieces:  # spread over ~1.7x the head timeout
+            time.sleep(HEADER_TIMEOUT_S * 1.7 / len(pieces))
+            sock.sendall(piece)
+        received, _ = read_until_closed(sock, timeout=10)
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    assert b'"page_size":5' in received
+
+
+def test_unknown_api_v3_routes_are_404_in_the_envelope(server):
+    with server.client() as client:
+        for method, path in [
+            ("GET", "/api/v3/no-such-thing"),
+            ("GET", "/api/v3/predictions/x/result/extra"),
+            ("PUT", "/api/v3/foo/bar"),
+        ]:
+            response = client.request(method, path)
+            assert response.status_code == 404, (method, path, response.status_code, response.text)
+            assert response.json()["code"] == 404
+            assert "allow" not in response.headers
+        response = client.post("/api/v3/some-org/Other-Model", json={"prompt": "x"})
+        assert response.status_code == 404
+        assert response.json()["code"] == 404
+        assert "some-org/Other-Model" in response.json()["data"]["error"]
+
+
+def test_models_entries_carry_id_beside_model_id(server):
+    with server.client() as client:
+        models = client.get("/api/v3/models").json()["data"]
+    assert [m["id"] for m in models] == [m["model_id"] for m in models] == ["wavespeed-ai/SkyReels-V1"]
+
+
+def test_balance_is_a_fixed_unmetered_balance(server):
+    with server.client() as client:
+        response = client.get("/api/v3/balance")
+    assert response.status_code == 200
+    assert response.json() == {
+        "code": 200,
+        "message": "success",
+        "data": {"balance": 1_000_000.0, "currency": "USD", "unmetered": True},
+    }
+
+
+def test_a_known_route_with_the_wrong_method_is_still_405(server):
+    with server.client() as client:
+        response = client.get("/api/v3/wavespeed-ai/SkyReels-V1")
+    assert response.status_code == 405
+    assert response.json()["code"] == 405
+    assert response.headers["allow"] == "POST"
+
+
+def test_without_a_key_unknown_routes_still_answer_401(server):
+    response = httpx.get(server.base_url + "/api/v3/balance")
+    assert response.status_code == 401
