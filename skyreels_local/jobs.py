@@ -809,6 +809,15 @@ class JobStore:
                     (error, retry_at, id),
                 )
 
+    def webhook_deliveries(self, prediction_id: str) -> list[dict[str, Any]]:
+        """A prediction's webhook deliveries, oldest first: status pending | delivered | dead."""
+        rows = self._rows(
+            """SELECT url, status, attempts, created_at, next_attempt_at, delivered_at, last_error
+               FROM webhooks WHERE prediction_id = ? ORDER BY id""",
+            (prediction_id,),
+        )
+        return [dict(row) for row in rows]
+
     def webhook_counts(self) -> dict[str, int]:
         counts = {"pending": 0, "delivered": 0, "dead": 0, "failed_attempts": 0}
         for status, count in self._rows("SELECT status, COUNT(*) FROM webhooks GROUP BY status"):

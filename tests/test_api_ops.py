@@ -13,7 +13,7 @@ from threading import Barrier
 
 import httpx
 import pytest
-from api_server import API_KEY, data_uri, running_server
+from api_server import API_KEY, data_uri, local_site, running_server
 
 from skyreels_local.jobs import POOL_SIZE
 
@@ -23,7 +23,13 @@ HEADER_TIMEOUT_S = 2.0
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("ops") / "data"
-    args = ["--request-header-timeout-s", str(HEADER_TIMEOUT_S)]
+    args = [
+        "--request-header-timeout-s", str(HEADER_TIMEOUT_S),
+        "--url-allow-list", "127.0.0.1",
+        # a failing webhook is dead after ~3 attempts in about a second
+        "--webhook-backoff-s", "0.2",
+        "--webhook-retry-window-s", "1",
+    ]  # fmt: skip
     with running_server(data_dir, args=args) as server:
         yield server
 
@@ -171,3 +177,50 @@ def test_a_known_route_with_the_wrong_method_is_still_405(server):
 def test_without_a_key_unknown_routes_still_answer_401(server):
     response = httpx.get(server.base_url + "/api/v3/balance")
     assert response.status_code == 401
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server.base_url + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_redirecting_webhook_receiver_is_not_followed_and_the_delivery_dies(server):
+    dead_before = metric(server, 'skyreels_webhooks_total{outcome="dead"}')
+    with local_site() as site:
+        target = f"{site.url}/elsewhere"
+        hook = f"{site.url}/redirect?to={target}"
+        job = server.submit(
+            {"image": data_uri(), "prompt": "redirect", "num_inference_steps": 2}, webhook=hook
+        )
+        assert server.wait(job["id"])["status"] == "completed"
+        deadline = time.monotonic() + 30
+        while True:
+            with server.client() as client:
+                response = client.get(f"/api/v3/predictions/{job['id']}/webhook")
+            assert response.status_code == 200, response.text
+            deliveries = response.json()["data"]["deliveries"]
+            if deliveries and deliveries[0]["status"] == "dead":
+                break
+            assert time.monotonic() < deadline, deliveries
+            time.sleep(0.2)
+        paths = [received.path for received in site.received]
+    assert len(deliveries) == 1
+    delivery = deliveries[0]
+    assert delivery["url"] == hook
+    assert delivery["attempts"] >= 2
+    assert delivery["attempts"] == len(paths)
+    assert "HTTP 307" in delivery["last_error"] and "not followed" in delivery["last_error"]
+    assert delivery["delivered_at"] is None and delivery["next_attempt_at"] is None
+    # every attempt went to the configured URL; the signed body never reached the redirect target
+    assert all(path.startswith("/redirect") for path in paths), paths
+    assert metric(server, 'skyreels_webhooks_total{outcome="dead"}') == dead_before + 1
+
+
+def test_webhook_status_of_an_unknown_prediction_is_404(server):
+    with server.client() as client:
+        response = client.get("/api/v3/predictions/" + "0" * 32 + "/webhook")
+    assert response.status_code == 404
+    assert response.json()["code"] == 404

@@ -19,7 +19,7 @@ from ..config import Settings
 from .deps import ApiKeyGate
 from .errors import BodySizeLimit, install_error_handlers
 from .metrics import build_registry
-from .routes import files, media, predictions, system
+from .routes import files, media, predictions, system, webhooks
 from .services import Services
 
 log = logging.getLogger(__name__)
@@ -71,4 +71,5 @@ def create_app(settings: Settings, *, log_level: str = "INFO") -> FastAPI:
     app.include_router(system.router)
     app.include_router(media.router)
     app.include_router(predictions.router)
+    app.include_router(webhooks.router)
     return app
