@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 
 
+_CANCELLED = "status = 'cancelled', error = 'Prediction was cancelled'"
+
+
 class JobStatus(StrEnum):
     CREATED = "created"
     PROCESSING = "processing"
@@ -626,21 +629,29 @@ class JobStore:
         denoise_s: float = 0.0,
         now: float | None = None,
     ) -> bool:
-        """Record the result. `steps` and `denoise_s` add to the step-time totals of /metrics."""
-        return self._finish(
+        """Record the result. `steps` and `denoise_s` add to the step-time totals of /metrics.
+
+        A cancel that arrived after the last denoising step (during decode or encode) still wins:
+        a cancel answered `processing` always ends `cancelled`. The check and the state change
+        are one transaction, so a cancel is either before it (job cancelled, no outputs; the
+        worker deletes its video) or after it (the cancel finds the job completed and answers
+        so). Returns True when this claim's outcome was recorded, either way."""
+        recorded = self._finish(
             id,
             claim,
             "status = 'completed', progress = 1, outputs = ?, execution_ms = ?, inference_ms = ?, error = ''",
             (json.dumps(outputs), execution_ms, inference_ms),
             now,
             counters={"denoise_steps": steps, "denoise_seconds": denoise_s} if steps else None,
+            unless_cancelled=True,
         )
+        return recorded or self._finish(id, claim, _CANCELLED, (), now, only_if_cancel_requested=True)
 
     def fail(self, id: str, claim: str, *, code: int, error: str, now: float | None = None) -> bool:
         return self._finish(id, claim, "status = 'failed', code = ?, error = ?", (int(code), error), now)
 
     def mark_cancelled(self, id: str, claim: str, *, now: float | None = None) -> bool:
-        return self._finish(id, claim, "status = 'cancelled', error = 'Prediction was cancelled'", (), now)
+        return self._finish(id, claim, _CANCELLED, (), now)
 
     def requeue(self, id: str, claim: str) -> bool:
         """Give a job back to the queue (graceful shutdown): this attempt does not count."""
@@ -663,16 +674,24 @@ class JobStore:
         now: float | None,
         *,
         counters: dict[str, float] | None = None,
+        unless_cancelled: bool = False,
+        only_if_cancel_requested: bool = False,
     ) -> bool:
         now = time.time() if now is None else now
+        cancel_clause = ""
+        if unless_cancelled:
+            cancel_clause = " AND cancel_requested = 0"
+        elif only_if_cancel_requested:
+            cancel_clause = " AND cancel_requested = 1"
         with self._write() as conn:
             row = conn.execute(
                 f"""UPDATE predictions SET {assignments}, finished_at = ?
-                    WHERE id = ? AND claim = ? AND status = 'processing' RETURNING webhook_url""",
+                    WHERE id = ? AND claim = ? AND status = 'processing'{cancel_clause} RETURNING webhook_url""",
                 (*args, now, id, claim),
             ).fetchone()
             if row is None:
-                log.warning("prediction %s: result of a stale claim ignored", id)
+                if not unless_cancelled:
+                    log.warning("prediction %s: result of a stale claim ignored", id)
                 return False
             self._enqueue_webhook(conn, id, row["webhook_url"], now)
             conn.execute("UPDATE workers SET job_id = NULL, state = 'ready' WHERE job_id = ?", (id,))

@@ -40,7 +40,7 @@ from typing import Any
 
 from .config import Settings
 from .errors import DiskFullError, GenerationCancelled, SkyreelsError, TaskCode, is_disk_full
-from .jobs import Job, JobStore
+from .jobs import Job, JobStatus, JobStore
 from .media import AddressPolicy, ImageFetcher, UploadStore, UrlSigner
 from .paths import DataPaths
 
@@ -238,6 +238,13 @@ class GpuWorker:
                     denoise_s=float(result.timings.get("denoise_s", 0.0)),
                 ),
             )
+            final = self.store.get(job.id)
+            if final is not None and final.status == JobStatus.CANCELLED:
+                # The cancel came after the last denoising step but before the result was
+                # recorded: it wins (jobs.complete), and the video is not kept.
+                (self.paths.outputs / name).unlink(missing_ok=True)
+                log.info("prediction %s: cancelled after its last step; output discarded", job.id)
+                return
             log.info("prediction %s: completed in %.1fs (seed %d)", job.id, elapsed_ms / 1000, result.seed)
             return
         self._record(job.id, lambda: self.store.fail(job.id, claim, code=code, error=message))

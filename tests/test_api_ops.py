@@ -18,6 +18,7 @@ from api_server import API_KEY, data_uri, local_site, running_server
 from skyreels_local.jobs import POOL_SIZE
 
 HEADER_TIMEOUT_S = 2.0
+ORPHAN_ID = "ab" * 16
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,11 @@ def server(tmp_path_factory):
         "--webhook-backoff-s", "0.2",
         "--webhook-retry-window-s", "1",
     ]  # fmt: skip
+    # What a worker killed mid-encode leaves behind (video.write_mp4's temporary file), and a
+    # finished output beside it: the start-up sweep removes the first only.
+    (data_dir / "outputs").mkdir(parents=True)
+    (data_dir / "outputs" / f".{ORPHAN_ID}.k3j_x9.part.mp4").write_bytes(b"half a video")
+    (data_dir / "outputs" / f"{ORPHAN_ID}.mp4").write_bytes(b"a video")
     with running_server(data_dir, args=args) as server:
         yield server
 
@@ -224,3 +230,12 @@ def test_webhook_status_of_an_unknown_prediction_is_404(server):
         response = client.get("/api/v3/predictions/" + "0" * 32 + "/webhook")
     assert response.status_code == 404
     assert response.json()["code"] == 404
+
+
+def test_unfinished_videos_of_killed_workers_are_removed_at_start_up(server):
+    outputs = server.data_dir / "outputs"
+    deadline = time.monotonic() + 10  # the sweep runs on its own thread right after start-up
+    while (outputs / f".{ORPHAN_ID}.k3j_x9.part.mp4").exists():
+        assert time.monotonic() < deadline, sorted(p.name for p in outputs.iterdir())
+        time.sleep(0.1)
+    assert (outputs / f"{ORPHAN_ID}.mp4").read_bytes() == b"a video"
