@@ -91,6 +91,17 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="enable_sync_mode: longest wait before replying `processing` + 5004"
     )
     max_queue: int = Field(default=500, ge=1, description="waiting jobs before a submit is answered 429")
+    request_header_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a connection that has not sent a complete request head (request line and headers) "
+        "this long after opening, or after its previous response, is closed; bodies and answers are not limited",
+    )
+    max_connections: int = Field(
+        default=500,
+        ge=1,
+        description="open client connections (or running requests) past which new requests get 503",
+    )
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="largest accepted upload")
     max_download_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1, description="largest input image download"

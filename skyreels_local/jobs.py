@@ -44,6 +44,9 @@ class AllAccounts:
 ALL_ACCOUNTS = AllAccounts()
 
 
+_CANCELLED = "status = 'cancelled', error = 'Prediction was cancelled'"
+
+
 class JobStatus(StrEnum):
     CREATED = "created"
     PROCESSING = "processing"
@@ -284,13 +287,42 @@ def _upgrade_to_2(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS predictions_account_seq ON predictions (account, seq)")
 
 
+class _ClosingConnection:
+    """Holds a thread's own connection in its threading.local: when the thread ends, CPython
+    drops this holder at once (it is in no reference cycle) and the connection is closed, instead
+    of waiting for the garbage collector (sqlite3 connections sit in cycles)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
+# Connections one store opens at most (about 2 file descriptors each in WAL mode, plus one shared
+# -shm). Polls take well under a millisecond of database time, so a burst of 40 threads queues for
+# a few milliseconds at most. A hard cap, not just a cap on idle ones: SQLite keeps the descriptor
+# of a connection closed while another one holds a lock on the file open for later reuse, so
+# opening extra connections during bursts would leave their descriptors behind anyway.
+POOL_SIZE = 8
+# Longer than this waiting for a pooled connection (only if something holds them all, e.g. the
+# table is locked by a stuck writer): open an extra one rather than fail the request.
+POOL_WAIT_S = 30.0
+
+
 class JobStore:
-    """All access to the SQLite file. One connection per thread; safe across processes."""
+    """All access to the SQLite file. A small pool of connections shared by threads; safe across
+    processes."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._pool_lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._slots = threading.BoundedSemaphore(POOL_SIZE)
+        self._closed = False
         with self._write() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -306,18 +338,91 @@ class JobStore:
 
     # --- connections -------------------------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            # isolation_level=None: we issue BEGIN ourselves; timeout is SQLite's busy wait.
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: an accepted job survives a power cut, not only a crash; the cost is one fsync
-            # per commit, negligible next to a generation.
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN ourselves; timeout is SQLite's busy wait.
+        # check_same_thread=False: a pooled connection serves one thread at a time, any thread.
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: an accepted job survives a power cut, not only a crash; the cost is one fsync
+        # per commit, negligible next to a generation.
+        conn.execute("PRAGMA synchronous=FULL")
         return conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one operation, borrowed from a small pool and given back after it.
+
+        Why a pool and not one connection per thread: the HTTP process runs sync routes on a
+        threadpool of up to 40 threads that come and go; a connection per thread held its file
+        descriptors (db, -wal, -shm) until the garbage collector found it, so polling bursts
+        piled up ~120 descriptors. Here at most POOL_SIZE connections exist; a thread that finds
+        them all busy waits for one. Nested use on one thread (a read inside a write) gets the
+        same connection, so nesting never waits on itself."""
+        held = getattr(self._local, "borrowed", None)
+        if held is not None:
+            yield held
+            return
+        pooled = self._slots.acquire(timeout=POOL_WAIT_S)
+        if not pooled:
+            log.warning(
+                "job table: all %d connections busy for %gs; opening an extra one", POOL_SIZE, POOL_WAIT_S
+            )
+        try:
+            conn = self._take_idle() if pooled else None
+            conn = conn or self._open()
+        except BaseException:
+            if pooled:
+                self._slots.release()
+            raise
+        self._local.borrowed = conn
+        try:
+            yield conn
+        finally:
+            self._local.borrowed = None
+            self._give_back(conn, pooled)
+
+    def _take_idle(self) -> sqlite3.Connection | None:
+        with self._pool_lock:
+            return self._idle.pop() if self._idle else None
+
+    def _give_back(self, conn: sqlite3.Connection, pooled: bool) -> None:
+        if conn.in_transaction:  # never hand on a connection stuck in a transaction
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        with self._pool_lock:
+            keep = pooled and not self._closed
+            if keep:
+                self._idle.append(conn)
+        if not keep:
+            conn.close()
+        if pooled:
+            self._slots.release()
+
+    def _row(self, sql: str, args: tuple | list = ()) -> sqlite3.Row | None:
+        with self._connection() as conn:
+            return conn.execute(sql, args).fetchone()
+
+    def _rows(self, sql: str, args: tuple | list = ()) -> list[sqlite3.Row]:
+        with self._connection() as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def _execute(self, sql: str, args: tuple | list = ()) -> None:
+        """One statement in autocommit mode (a single-row UPDATE needs no BEGIN IMMEDIATE)."""
+        with self._connection() as conn:
+            conn.execute(sql, args)
+
+    def _conn(self) -> sqlite3.Connection:
+        """A connection owned by the calling thread until it ends (then closed at once, not by
+        the garbage collector). For tests and one-off scripts; the store itself uses
+        `_connection()`, which keeps the number of open connections bounded."""
+        held = getattr(self._local, "borrowed", None)
+        if held is not None:
+            return held
+        owned = getattr(self._local, "owned", None)
+        if owned is None:
+            owned = self._local.owned = _ClosingConnection(self._open())
+        return owned.conn
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -327,30 +432,36 @@ class JobStore:
         some errors (SQLITE_FULL, IOERR), so ROLLBACK is sent only while a transaction is still
         open; otherwise this thread's connection would be stuck inside a dead transaction. A full
         disk is raised as DiskFullError (a clear 503 / failed job, not an internal error)."""
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._connection() as conn:
             try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                if is_disk_full(exc):
+                    log.error("job table %s: %s", self.path, exc)
+                    raise DiskFullError(
+                        "the server's disk is full, so the job table cannot be written; retry once space is freed"
+                    ) from exc
                 raise
-        except sqlite3.Error as exc:
-            if is_disk_full(exc):
-                log.error("job table %s: %s", self.path, exc)
-                raise DiskFullError(
-                    "the server's disk is full, so the job table cannot be written; retry once space is freed"
-                ) from exc
-            raise
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Close the pooled connections (and this thread's own one, if it made one)."""
+        with self._pool_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
             conn.close()
-            self._local.conn = None
+        owned = getattr(self._local, "owned", None)
+        if owned is not None:
+            owned.conn.close()
+            self._local.owned = None
 
     # --- predictions: API side ---------------------------------------------------------------
 
@@ -401,58 +512,47 @@ class JobStore:
         return job
 
     def get(self, id: str) -> Job | None:
-        row = self._conn().execute(f"SELECT {_LIGHT_COLUMNS} FROM predictions WHERE id = ?", (id,)).fetchone()
+        row = self._row(f"SELECT {_LIGHT_COLUMNS} FROM predictions WHERE id = ?", (id,))
         return Job.from_row(row) if row is not None else None
 
     def get_full(self, id: str) -> Job | None:
         """With `input` and `params` (webhook bodies, the worker)."""
-        row = self._conn().execute("SELECT * FROM predictions WHERE id = ?", (id,)).fetchone()
+        row = self._row("SELECT * FROM predictions WHERE id = ?", (id,))
         return Job.from_row(row) if row is not None else None
 
     def queue_position(self, job: Job) -> int:
         """1-based place among waiting jobs (1 = next to run); 0 once it is no longer waiting."""
         if job.status != JobStatus.CREATED:
             return 0
-        return (
-            self._conn()
-            .execute("SELECT COUNT(*) FROM predictions WHERE status = 'created' AND seq <= ?", (job.seq,))
-            .fetchone()[0]
-        )
+        row = self._row("SELECT COUNT(*) FROM predictions WHERE status = 'created' AND seq <= ?", (job.seq,))
+        return row[0]
 
     def queue_depth(self) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM predictions WHERE status = 'created'").fetchone()[0]
+        return self._row("SELECT COUNT(*) FROM predictions WHERE status = 'created'")[0]
 
     def count_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys((s.value for s in JobStatus), 0)
-        for status, count in self._conn().execute("SELECT status, COUNT(*) FROM predictions GROUP BY status"):
+        for status, count in self._rows("SELECT status, COUNT(*) FROM predictions GROUP BY status"):
             counts[status] = count
         return counts
 
     def generation_totals(self) -> tuple[int, float]:
         """(completed jobs, their summed execution seconds), for metrics."""
-        count, total_ms = (
-            self._conn()
-            .execute(
-                "SELECT COUNT(*), COALESCE(SUM(execution_ms), 0) FROM predictions WHERE status = 'completed'"
-            )
-            .fetchone()
+        count, total_ms = self._row(
+            "SELECT COUNT(*), COALESCE(SUM(execution_ms), 0) FROM predictions WHERE status = 'completed'"
         )
         return count, total_ms / 1000.0
 
     def counters(self) -> dict[str, float]:
         """The monotonic totals (see the counters table), e.g. `denoise_steps`, `denoise_seconds`."""
-        return {name: value for name, value in self._conn().execute("SELECT name, value FROM counters")}
+        return {name: value for name, value in self._rows("SELECT name, value FROM counters")}
 
     def overdue_jobs(self, *, started_before: float) -> list[Job]:
         """Jobs still `processing` that were claimed before `started_before` (the job timeout)."""
-        rows = (
-            self._conn()
-            .execute(
-                f"""SELECT {_LIGHT_COLUMNS} FROM predictions
-                    WHERE status = 'processing' AND started_at < ? ORDER BY seq""",
-                (started_before,),
-            )
-            .fetchall()
+        rows = self._rows(
+            f"""SELECT {_LIGHT_COLUMNS} FROM predictions
+                WHERE status = 'processing' AND started_at < ? ORDER BY seq""",
+            (started_before,),
         )
         return [Job.from_row(row) for row in rows]
 
@@ -487,12 +587,12 @@ class JobStore:
             where.append("created_at <= ?")
             args.append(created_before)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        conn = self._conn()
-        total = conn.execute(f"SELECT COUNT(*) FROM predictions {clause}", args).fetchone()[0]
-        rows = conn.execute(
-            f"SELECT {_LIGHT_COLUMNS} FROM predictions {clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
-            [*args, page_size, (page - 1) * page_size],
-        ).fetchall()
+        with self._connection() as conn:
+            total = conn.execute(f"SELECT COUNT(*) FROM predictions {clause}", args).fetchone()[0]
+            rows = conn.execute(
+                f"SELECT {_LIGHT_COLUMNS} FROM predictions {clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                [*args, page_size, (page - 1) * page_size],
+            ).fetchall()
         return [Job.from_row(row) for row in rows], total
 
     def request_cancel(self, id: str, *, now: float | None = None) -> Job | None:
@@ -572,18 +672,14 @@ class JobStore:
         return Job.from_row(row) if row is not None else None
 
     def set_progress(self, id: str, claim: str, progress: float) -> None:
-        self._conn().execute(
+        self._execute(
             "UPDATE predictions SET progress = ? WHERE id = ? AND claim = ? AND status = 'processing'",
             (progress, id, claim),
         )
 
     def should_stop(self, id: str, claim: str) -> bool:
         """True when the running job was cancelled, or taken away from this claim."""
-        row = (
-            self._conn()
-            .execute("SELECT cancel_requested, status, claim FROM predictions WHERE id = ?", (id,))
-            .fetchone()
-        )
+        row = self._row("SELECT cancel_requested, status, claim FROM predictions WHERE id = ?", (id,))
         return (
             row is None
             or bool(row["cancel_requested"])
@@ -603,21 +699,29 @@ class JobStore:
         denoise_s: float = 0.0,
         now: float | None = None,
     ) -> bool:
-        """Record the result. `steps` and `denoise_s` add to the step-time totals of /metrics."""
-        return self._finish(
+        """Record the result. `steps` and `denoise_s` add to the step-time totals of /metrics.
+
+        A cancel that arrived after the last denoising step (during decode or encode) still wins:
+        a cancel answered `processing` always ends `cancelled`. The check and the state change
+        are one transaction, so a cancel is either before it (job cancelled, no outputs; the
+        worker deletes its video) or after it (the cancel finds the job completed and answers
+        so). Returns True when this claim's outcome was recorded, either way."""
+        recorded = self._finish(
             id,
             claim,
             "status = 'completed', progress = 1, outputs = ?, execution_ms = ?, inference_ms = ?, error = ''",
             (json.dumps(outputs), execution_ms, inference_ms),
             now,
             counters={"denoise_steps": steps, "denoise_seconds": denoise_s} if steps else None,
+            unless_cancelled=True,
         )
+        return recorded or self._finish(id, claim, _CANCELLED, (), now, only_if_cancel_requested=True)
 
     def fail(self, id: str, claim: str, *, code: int, error: str, now: float | None = None) -> bool:
         return self._finish(id, claim, "status = 'failed', code = ?, error = ?", (int(code), error), now)
 
     def mark_cancelled(self, id: str, claim: str, *, now: float | None = None) -> bool:
-        return self._finish(id, claim, "status = 'cancelled', error = 'Prediction was cancelled'", (), now)
+        return self._finish(id, claim, _CANCELLED, (), now)
 
     def requeue(self, id: str, claim: str) -> bool:
         """Give a job back to the queue (graceful shutdown): this attempt does not count."""
@@ -640,16 +744,24 @@ class JobStore:
         now: float | None,
         *,
         counters: dict[str, float] | None = None,
+        unless_cancelled: bool = False,
+        only_if_cancel_requested: bool = False,
     ) -> bool:
         now = time.time() if now is None else now
+        cancel_clause = ""
+        if unless_cancelled:
+            cancel_clause = " AND cancel_requested = 0"
+        elif only_if_cancel_requested:
+            cancel_clause = " AND cancel_requested = 1"
         with self._write() as conn:
             row = conn.execute(
                 f"""UPDATE predictions SET {assignments}, finished_at = ?
-                    WHERE id = ? AND claim = ? AND status = 'processing' RETURNING webhook_url""",
+                    WHERE id = ? AND claim = ? AND status = 'processing'{cancel_clause} RETURNING webhook_url""",
                 (*args, now, id, claim),
             ).fetchone()
             if row is None:
-                log.warning("prediction %s: result of a stale claim ignored", id)
+                if not unless_cancelled:
+                    log.warning("prediction %s: result of a stale claim ignored", id)
                 return False
             self._enqueue_webhook(conn, id, row["webhook_url"], now)
             conn.execute("UPDATE workers SET job_id = NULL, state = 'ready' WHERE job_id = ?", (id,))
@@ -729,10 +841,10 @@ class JobStore:
 
     def heartbeat(self, id: str, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        self._conn().execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, id))
+        self._execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, id))
 
     def workers(self) -> list[WorkerRecord]:
-        rows = self._conn().execute("SELECT * FROM workers ORDER BY id").fetchall()
+        rows = self._rows("SELECT * FROM workers ORDER BY id")
         return [WorkerRecord(**dict(row)) for row in rows]
 
     # --- webhook outbox ----------------------------------------------------------------------
@@ -786,17 +898,22 @@ class JobStore:
                     (error, retry_at, id),
                 )
 
+    def webhook_deliveries(self, prediction_id: str) -> list[dict[str, Any]]:
+        """A prediction's webhook deliveries, oldest first: status pending | delivered | dead."""
+        rows = self._rows(
+            """SELECT url, status, attempts, created_at, next_attempt_at, delivered_at, last_error
+               FROM webhooks WHERE prediction_id = ? ORDER BY id""",
+            (prediction_id,),
+        )
+        return [dict(row) for row in rows]
+
     def webhook_counts(self) -> dict[str, int]:
         counts = {"pending": 0, "delivered": 0, "dead": 0, "failed_attempts": 0}
-        for status, count in self._conn().execute("SELECT status, COUNT(*) FROM webhooks GROUP BY status"):
+        for status, count in self._rows("SELECT status, COUNT(*) FROM webhooks GROUP BY status"):
             counts[status] = count
-        counts["failed_attempts"] = (
-            self._conn()
-            .execute(
-                "SELECT COALESCE(SUM(attempts - (status = 'delivered')), 0) FROM webhooks WHERE attempts > 0"
-            )
-            .fetchone()[0]
-        )
+        counts["failed_attempts"] = self._row(
+            "SELECT COALESCE(SUM(attempts - (status = 'delivered')), 0) FROM webhooks WHERE attempts > 0"
+        )[0]
         return counts
 
     # --- uploads and secrets -----------------------------------------------------------------
@@ -836,7 +953,7 @@ class JobStore:
             )
 
     def get_upload(self, id: str) -> Upload | None:
-        row = self._conn().execute("SELECT * FROM uploads WHERE id = ?", (id,)).fetchone()
+        row = self._row("SELECT * FROM uploads WHERE id = ?", (id,))
         if row is None:
             return None
         return Upload(**{**dict(row), "complete": bool(row["complete"])})

@@ -303,13 +303,13 @@ class _GuardedTransport(httpx.HTTPTransport):
         )
 
 
-def guarded_client(policy: AddressPolicy, *, timeout: float) -> httpx.Client:
+def guarded_client(policy: AddressPolicy, *, timeout: float, follow_redirects: bool = True) -> httpx.Client:
     """An httpx client for user-supplied URLs: policy-checked connections, no proxies from the
-    environment (they would bypass the check), bounded redirects."""
+    environment (they would bypass the check), bounded redirects (or none)."""
     return httpx.Client(
         transport=_GuardedTransport(policy),
         trust_env=False,
-        follow_redirects=True,
+        follow_redirects=follow_redirects,
         max_redirects=MAX_REDIRECTS,
         timeout=httpx.Timeout(timeout),
         headers={"User-Agent": "skyreels-local"},

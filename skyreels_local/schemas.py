@@ -294,7 +294,32 @@ class WebhookSecret(BaseModel):
     secret: str = Field(description="whsec_ + the HMAC key (strip the prefix, use as UTF-8 text)")
 
 
+class WebhookDeliveryInfo(BaseModel):
+    url: str
+    status: str = Field(description="pending (will be retried) | delivered | dead (retries exhausted)")
+    attempts: int
+    last_error: str
+    created_at: str
+    next_attempt_at: str | None = Field(description="the next try of a pending delivery")
+    delivered_at: str | None
+
+
+class WebhookDeliveries(BaseModel):
+    prediction_id: str
+    deliveries: list[WebhookDeliveryInfo]
+
+
+class Balance(BaseModel):
+    """`GET /api/v3/balance`: a self-hosted server bills nothing, so the balance is a fixed large
+    number (clients that check for credit before submitting go ahead) marked unmetered."""
+
+    balance: float = 1_000_000.0
+    currency: str = "USD"
+    unmetered: bool = True
+
+
 class ModelInfo(BaseModel):
+    id: str  # = model_id: some clients read `id`
     model_id: str
     name: str
     type: str

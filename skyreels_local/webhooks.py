@@ -4,7 +4,9 @@ A terminal job writes its delivery row in the same transaction as its state (job
 result is never left without its webhook, even across a crash. This dispatcher runs in the HTTP
 process (never in a worker, so a slow receiver cannot hold up the GPU): it leases due rows,
 POSTs the bare prediction object with `input` [compat], and on failure retries with exponential
-backoff for a bounded window. Receivers that hang are cut off by a timeout; deliveries run on a
+backoff for a bounded window, after which the delivery is marked dead (shown by
+`GET /api/v3/predictions/{id}/webhook` and counted in /metrics). Redirects are never followed.
+Receivers that hang are cut off by a timeout; deliveries run on a
 small thread pool so one hanging receiver does not stall the others.
 
 Signature [compat]: `webhook-signature: v3,<hex HMAC-SHA256>` of `"{webhook-id}.{webhook-timestamp}.{body}"`
@@ -158,7 +160,9 @@ class WebhookDispatcher:
             "webhook-signature": sign(self.secret, delivery.prediction_id, timestamp, body),
         }
         try:
-            with guarded_client(self.policy, timeout=self.timeout_s) as client:
+            # Redirects are not followed: the signed body goes to the configured URL or nowhere
+            # (a 3xx is a failed attempt, retried like any other).
+            with guarded_client(self.policy, timeout=self.timeout_s, follow_redirects=False) as client:
                 response = client.post(delivery.url, content=body, headers=headers)
             if 200 <= response.status_code < 300:
                 self.store.webhook_delivered(delivery.id)
@@ -167,6 +171,8 @@ class WebhookDispatcher:
                 )
                 return True
             error = f"HTTP {response.status_code}"
+            if response.is_redirect:
+                error += " (a redirect; webhook redirects are not followed)"
         except (httpx.HTTPError, SkyreelsError) as exc:
             error = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
         except Exception as exc:  # a webhook must never take the dispatcher down

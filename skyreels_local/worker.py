@@ -40,7 +40,7 @@ from typing import Any
 
 from .config import Settings
 from .errors import DiskFullError, GenerationCancelled, SkyreelsError, TaskCode, is_disk_full
-from .jobs import Job, JobStore
+from .jobs import Job, JobStatus, JobStore
 from .media import AddressPolicy, ImageFetcher, UploadStore, UrlSigner
 from .params import GenerationParams
 from .paths import DataPaths
@@ -230,9 +230,16 @@ class GpuWorker:
                     denoise_s=float(result.timings.get("denoise_s", 0.0)),
                 ),
             )
-            if self.store.get(job.id) is None:  # deleted while it ran: its output goes too
+            final = self.store.get(job.id)
+            if final is None:  # deleted while it ran: its output goes too
                 (self.paths.outputs / name).unlink(missing_ok=True)
                 log.info("prediction %s: deleted while running; output removed", job.id)
+                return
+            elif final.status == JobStatus.CANCELLED:
+                # The cancel came after the last denoising step but before the result was
+                # recorded: it wins (jobs.complete), and the video is not kept.
+                (self.paths.outputs / name).unlink(missing_ok=True)
+                log.info("prediction %s: cancelled after its last step; output discarded", job.id)
                 return
             log.info("prediction %s: completed in %.1fs (seed %d)", job.id, elapsed_ms / 1000, result.seed)
             return

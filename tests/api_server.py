@@ -193,7 +193,8 @@ class Received:
 @dataclass
 class LocalSite:
     """GET <url>/<name> serves `files[name]`, GET <url>/redirect?to=<url> redirects, /loop redirects forever, anything
-    else is 404; POST records the request and answers the next of `post_statuses` (then 200).
+    else is 404; POST records the request and answers the next of `post_statuses` (then 200), but
+    POST /redirect?to=<url> answers 307 to <url> (a redirect that keeps the method and body).
 
     Misbehaviour on demand: `declared_length[name]` announces more bytes than are sent (a cut-off
     download); `drip_s[name]` sends the file in 100-byte pieces that far apart (a slow server);
@@ -266,6 +267,13 @@ def local_site() -> Iterator[LocalSite]:
         def do_POST(self) -> None:  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             site.received.append(Received(self.path, dict(self.headers.items()), body))  # on arrival
+            parts = urlsplit(self.path)
+            if parts.path == "/redirect":  # POST /redirect?to=<url>: 307, the body should follow
+                self.send_response(307)
+                self.send_header("Location", parse_qs(parts.query)["to"][0])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             delay = site.post_delays.get(urlsplit(self.path).path, site.post_delay_s)
             if delay:
                 time.sleep(delay)

@@ -4,7 +4,8 @@ queue positions and cancellation of a job that is really running.
 
 Faults on demand, chosen by a marker in the prompt, so one server can run good and bad jobs:
 `[hang]` makes the first denoising step never return (deaf to cancellation, as a stuck GPU call
-would be); `[oom]` raises torch's CUDA out-of-memory error from the first step."""
+would be); `[oom]` raises torch's CUDA out-of-memory error from the first step; `[slow-finish]`
+takes SLOW_FINISH_S after the last step (a slow VAE decode: the job is past cancellation points)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 STEP_DELAY_S = float(os.environ.get("SKYREELS_TEST_STEP_DELAY_S", "0.25"))
 HANG = "[hang]"
 OOM = "[oom]"
+SLOW_FINISH = "[slow-finish]"
+SLOW_FINISH_S = 3.0
 
 
 class SlowEngine:
@@ -39,7 +42,10 @@ class SlowEngine:
             if on_progress is not None:
                 on_progress(progress)
 
-        return self._engine.generate(request, on_progress=slow_progress, should_cancel=should_cancel)
+        result = self._engine.generate(request, on_progress=slow_progress, should_cancel=should_cancel)
+        if SLOW_FINISH in request.prompt:
+            time.sleep(SLOW_FINISH_S)
+        return result
 
 
 def build_engine(settings: Any, device: str | None) -> SlowEngine:

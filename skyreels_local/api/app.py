@@ -19,7 +19,7 @@ from ..config import Settings
 from .deps import ApiKeyGate
 from .errors import BodySizeLimit, install_error_handlers
 from .metrics import build_registry
-from .routes import files, media, predictions, system
+from .routes import files, media, predictions, system, webhooks
 from .routes.playground import router as playground_router
 from .services import Services
 
@@ -73,5 +73,5 @@ def create_app(settings: Settings, *, log_level: str = "INFO") -> FastAPI:
     app.include_router(system.router)
     app.include_router(media.router)
     app.include_router(predictions.router)
-    app.include_router(predictions.unknown_model_router)  # last: the catch-all 404 for model ids
+    app.include_router(webhooks.router)
     return app

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import MODEL_ID
 from ..errors import DiskFullError, SkyreelsError, TaskCode
 from ..jobs import QueueFullError
 from ..media import PayloadTooLargeError
@@ -24,6 +25,7 @@ from ..media import PayloadTooLargeError
 log = logging.getLogger(__name__)
 
 DISK_FULL_RETRY_AFTER_S = 60
+MODEL_PREFIX = "/api/v3/"
 
 
 class NotFoundError(SkyreelsError):
@@ -64,6 +66,17 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return f"`{field}` {detail[:1].lower() + detail[1:]}, got {value!r}"
 
 
+def _no_route(request: Request) -> str:
+    """The 404 of a path no route matches. Only the served model id is a route, so a POST to any
+    other /api/v3/<owner>/<model> lands here: name the model (the contract's unknown-model 404)."""
+    path = request.url.path
+    if request.method == "POST" and path.startswith(MODEL_PREFIX):
+        return (
+            f"unknown model or endpoint {path.removeprefix(MODEL_PREFIX)!r}; this server serves {MODEL_ID!r}"
+        )
+    return "no such endpoint"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SkyreelsError)
     async def _skyreels(_request: Request, exc: SkyreelsError) -> JSONResponse:
@@ -80,10 +93,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(status, message, headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else phrase(exc.status_code)
         if exc.status_code == 404 and message == "Not Found":
-            message = "no such endpoint"
+            message = _no_route(request)
         return error_response(exc.status_code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)

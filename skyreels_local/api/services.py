@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fcntl
 import json
 import logging
@@ -18,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 from fastapi import Request
@@ -301,6 +303,9 @@ class Services:
     # --- retention ---------------------------------------------------------------------------
 
     def sweep(self) -> None:
+        removed = remove_orphan_partials(self.paths.outputs, self._is_running)
+        if removed:
+            log.info("removed %d unfinished video files left by interrupted workers", len(removed))
         expired = self.store.expire(before=time.time() - self.settings.retention_days * 86400)
         for name in expired.output_files:
             (self.paths.outputs / name).unlink(missing_ok=True)
@@ -312,3 +317,23 @@ class Services:
                 len(expired.output_files),
                 len(expired.upload_ids),
             )
+
+    def _is_running(self, prediction_id: str) -> bool:
+        job = self.store.get(prediction_id)
+        return job is not None and job.status == JobStatus.PROCESSING
+
+
+def remove_orphan_partials(outputs: Path, is_running: Callable[[str], bool]) -> list[Path]:
+    """Delete the `.{prediction id}.*.part.mp4` files (video.write_mp4's temporary output) whose
+    prediction is not running: a worker killed mid-encode leaves them behind. The one of a job
+    that is running now (its worker is encoding) is kept. Runs with each retention sweep,
+    the first at start-up."""
+    removed = []
+    for path in outputs.glob(".*.part.mp4"):
+        prediction_id = path.name[1:].split(".", 1)[0]
+        if is_running(prediction_id):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed

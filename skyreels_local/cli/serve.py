@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..api import create_app
+    from ..api.limits import KEEP_ALIVE_S, header_timeout_protocol
 
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
@@ -185,6 +186,11 @@ def run(args: argparse.Namespace) -> int:
         log_config=None,  # keep the CLI's logging setup
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=5,  # sync-mode requests would otherwise hold a shutdown open
+        # Slow clients: no complete request head in time -> closed; idle keep-alive -> closed
+        # after 5 s (uvicorn's default, stated here); past max_connections new requests get 503.
+        http=header_timeout_protocol(settings.request_header_timeout_s),
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=settings.max_connections,
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -30,9 +30,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 router = APIRouter(prefix="/api/v3", dependencies=[Authenticated], responses=ERRORS)
 
-# A 404 for every other model id; registered after all other /api/v3 routes.
-unknown_model_router = APIRouter(prefix="/api/v3", dependencies=[Authenticated], include_in_schema=False)
-
 _SUBMIT_BODY = {
     "requestBody": {
         "required": True,
@@ -69,11 +66,6 @@ async def submit(
         prediction.code = TaskCode.TIMEOUT
         prediction.error = f"Sync mode timed out after {wait_s:g} seconds. The prediction is still processing asynchronously."
     return Envelope(data=prediction)
-
-
-@unknown_model_router.post("/{model_id:path}")
-def unknown_model(model_id: str) -> None:
-    raise NotFoundError(f"model {model_id!r} is not served here; this server serves {MODEL_ID!r}")
 
 
 def _owned(services: ServicesDep, prediction_id: str, account: str | None) -> Job:

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ... import MODEL_ID, __version__
-from ...schemas import Envelope, ModelInfo, SkyReelsInput, WebhookSecret
+from ...schemas import Balance, Envelope, ModelInfo, SkyReelsInput, WebhookSecret
 from ..deps import Authenticated, ServicesDep, has_valid_key
 from ..errors import error_response, phrase
 from ..metrics import render
@@ -70,6 +70,7 @@ def models() -> Envelope[list[ModelInfo]]:
     return Envelope(
         data=[
             ModelInfo(
+                id=MODEL_ID,
                 model_id=MODEL_ID,
                 name="SkyReels V1",
                 type="image-to-video",
@@ -78,6 +79,15 @@ def models() -> Envelope[list[ModelInfo]]:
             )
         ]
     )
+
+
+@router.get(
+    "/balance",
+    response_model=Envelope[Balance],
+    summary="A fixed, unmetered balance: nothing is billed here (desktop and MCP clients read it)",
+)
+def balance() -> Envelope[Balance]:
+    return Envelope(data=Balance())
 
 
 @router.get("/webhook/secret", response_model=Envelope[WebhookSecret], summary="The webhook signing secret")
