@@ -43,7 +43,7 @@ class SlowEngine:
                 on_progress(progress)
 
         result = self._engine.generate(request, on_progress=slow_progress, should_cancel=should_cancel)
-        if SLOW_FINISH in request.prompt:
+        if SLOW_FINISH in request.params.prompt:
             time.sleep(SLOW_FINISH_S)
         return result
 

@@ -205,7 +205,8 @@ def test_a_redirecting_webhook_receiver_is_not_followed_and_the_delivery_dies(se
         job = server.submit(
             {"image": data_uri(), "prompt": "redirect", "num_inference_steps": 2}, webhook=hook
         )
-        assert server.wait(job["id"])["status"] == "completed"
+        finished = server.wait(job["id"])
+        assert finished["status"] == "completed", (finished.get("error"), finished.get("code"))
         deadline = time.monotonic() + 30
         while True:
             with server.client() as client:
