@@ -32,7 +32,7 @@ import httpcore
 import httpx
 from PIL import Image
 
-from .engine.images import MAX_IMAGE_PIXELS, decode_image
+from .engine.images import MAX_IMAGE_PIXELS, decode_image, open_image
 from .errors import InvalidInputError, MediaError, SkyreelsError, TaskCode
 from .jobs import JobStore, Upload
 
@@ -75,10 +75,13 @@ class UrlSigner:
         self, method: str, path: str, expires: object, signature: object, *, now: float | None = None
     ) -> bool:
         try:
-            expires_at = int(str(expires))
+            # ASCII digits only: int() also reads other scripts' digits and "1_000".
+            expires_at = int(str(expires)) if str(expires).isascii() else -1
         except ValueError:
             return False
         if not isinstance(signature, str) or expires_at < (time.time() if now is None else now):
+            return False
+        if not signature.isascii():  # compare_digest raises TypeError on non-ASCII text
             return False
         return hmac.compare_digest(self.signature(method, path, expires_at), signature)
 
@@ -132,8 +135,10 @@ def safe_filename(name: object) -> str:
 
 def sniff_image(path: Path) -> tuple[str, int, int]:
     """(MIME type, width, height) from the file's content; MediaError when it is no image."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
     try:
-        with Image.open(path) as image:
+        with open_image(path, head, source="the file") as image:
             width, height = image.size
             mime = Image.MIME.get(image.format or "", "application/octet-stream")
             if width * height > MAX_IMAGE_PIXELS:
@@ -263,6 +268,22 @@ class AddressPolicy:
         return addresses
 
 
+def check_webhook_url(policy: AddressPolicy, url: str, *, field: str) -> None:
+    """Refuse at submit a webhook URL whose host the policy refuses (loopback, private, metadata),
+    instead of failing every delivery for the whole retry window. A host that does not resolve
+    now is let through: DNS can be briefly down, and each delivery checks again anyway."""
+    parts = httpx.URL(url)  # already parsed once by parse_skyreels_input
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        policy.addresses(parts.raw_host.decode("ascii"), port)  # IDNA-encoded, as sent to DNS
+    except BlockedAddressError as exc:
+        raise InvalidInputError(field, shorten(url), f"is refused: {exc.message}") from None
+    except MediaError:
+        return
+    except ValueError as exc:  # a name the resolver cannot even encode (UnicodeError)
+        raise InvalidInputError(field, shorten(url), f"has a host that cannot be resolved ({exc})") from None
+
+
 class _GuardedBackend(httpcore.NetworkBackend):
     """httpcore's socket backend, connecting only to addresses the policy allows."""
 
@@ -359,12 +380,12 @@ class ImageFetcher:
     def fetch(self, source: str) -> Image.Image:
         if source[:5].lower() == "data:":
             return decode_image(
-                decode_data_uri(source, max_bytes=self.max_bytes), source="the data: URI image"
+                decode_data_uri(source, max_bytes=self.max_bytes), source="the `image` data: URI"
             )
         own = self.own_upload(source)
         if own is not None:
             return self._read_upload(own, source)
-        return decode_image(self.download(source), source=f"image URL {shorten(source)!r}")
+        return decode_image(self.download(source), source=f"the `image` URL {shorten(source)!r}")
 
     def own_upload(self, url: str) -> Upload | None:
         """The upload behind one of our own signed upload URLs, whatever host the client used.
@@ -385,7 +406,7 @@ class ImageFetcher:
         path = self.uploads.file(upload)
         if not upload.complete or not path.is_file():
             raise MediaError(f"upload {shorten(source)!r} has no file (was the PUT completed?)")
-        return decode_image(path.read_bytes(), source=f"upload {upload.filename!r}")
+        return decode_image(path.read_bytes(), source=f"the `image` upload {upload.filename!r}")
 
     def download(self, url: str) -> bytes:
         shown = shorten(url)

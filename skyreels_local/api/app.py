@@ -19,6 +19,7 @@ from ..config import Settings
 from .deps import ApiKeyGate
 from .errors import BodySizeLimit, install_error_handlers
 from .metrics import build_registry
+from .responses import StrictJSONResponse
 from .routes import files, media, predictions, system, webhooks
 from .routes.playground import router as playground_router
 from .services import Services
@@ -56,6 +57,7 @@ def create_app(settings: Settings, *, log_level: str = "INFO") -> FastAPI:
             "`Authorization: Bearer <API key>`; output and upload URLs carry their own signed tokens."
         ),
         lifespan=lifespan,
+        default_response_class=StrictJSONResponse,  # no NaN/Infinity ever reaches a client
     )
     install_error_handlers(app)
     # A data: URI image is base64 (4/3 of the bytes) inside the JSON body.

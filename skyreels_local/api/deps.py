@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -10,8 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import InvalidInputError
-from ..media import shorten
+from .. import strict_json
 from .errors import error_response
 from .services import Services
 
@@ -43,16 +41,14 @@ BaseUrlDep = Annotated[str, Depends(base_url)]
 
 
 async def json_body(request: Request) -> Any:
-    """The request's JSON body; an empty body counts as `{}` (clients send GET-style empty POSTs)."""
+    """The request's JSON body, parsed strictly (strict_json: no NaN, no huge numbers, no deep
+    nesting, no lone surrogates); an empty body counts as `{}` (clients send GET-style empty
+    POSTs). Every JSON-body route reads its body through this, never through a pydantic body
+    parameter (tests/test_hostile_input.py checks that)."""
     raw = await request.body()
     if not raw.strip():
         return {}
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidInputError(
-            "body", shorten(raw.decode("utf-8", "replace")), "must be valid JSON"
-        ) from None
+    return strict_json.loads(raw)
 
 
 class ApiKeyGate:

@@ -13,14 +13,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import MODEL_ID
 from ..errors import DiskFullError, SkyreelsError, TaskCode
 from ..jobs import QueueFullError
-from ..media import PayloadTooLargeError
+from ..media import PayloadTooLargeError, shorten
+from .responses import StrictJSONResponse as JSONResponse
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _describe_validation(exc: RequestValidationError) -> str:
         return "`body` must be valid JSON"
     if first.get("type") == "missing":
         return f"`{field}` is required"
-    return f"`{field}` {detail[:1].lower() + detail[1:]}, got {value!r}"
+    return f"`{field}` {detail[:1].lower() + detail[1:]}, got {shorten(repr(value))}"
 
 
 def _no_route(request: Request) -> str:

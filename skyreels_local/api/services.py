@@ -11,7 +11,6 @@ import asyncio
 import base64
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import secrets
@@ -25,7 +24,7 @@ from typing import IO, Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from .. import MODEL_ID
+from .. import MODEL_ID, strict_json
 from ..config import Settings
 from ..errors import SkyreelsError, TaskCode
 from ..jobs import TERMINAL_STATUSES, Job, JobStatus, JobStore
@@ -182,7 +181,8 @@ class Services:
         if job is None:
             return None
         prediction = self.render(job, job.base_url, include_input=True)
-        return json.dumps(prediction.model_dump(exclude_none=True), separators=(",", ":")).encode()
+        # Strict JSON (null for a non-finite float), ASCII-escaped as before.
+        return strict_json.dumps(prediction.model_dump(exclude_none=True), ensure_ascii=True)
 
     # --- predictions -------------------------------------------------------------------------
 

@@ -17,10 +17,51 @@ from ..errors import MediaError
 MAX_IMAGE_PIXELS = 64_000_000
 
 
+# Formats decoded in-process by Pillow's own code. Others are refused before any plugin parses
+# them: some hand the bytes to external programs (EPS -> Ghostscript), others are rarely used
+# and little fuzzed. AVIF/HEIF only where a decoder plugin is installed and registered.
+SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+OPTIONAL_FORMATS = ("AVIF", "HEIF")
+
+
+def allowed_formats() -> tuple[str, ...]:
+    Image.init()
+    return SAFE_FORMATS + tuple(name for name in OPTIONAL_FORMATS if name in Image.OPEN)
+
+
+def detect_format(head: bytes) -> str | None:
+    """The format the first bytes announce, by Pillow's signature checks only (no parsing)."""
+    Image.init()
+    for name, (_factory, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(head):
+                return name
+        except Exception:  # a signature check that cannot cope with these bytes: not it
+            continue
+    return None
+
+
+def refuse_format(head: bytes, source: str) -> MediaError:
+    """The error for bytes that are no image of an allowed format, naming what they look like."""
+    allowed = ", ".join(allowed_formats())
+    detected = detect_format(head)
+    if detected is None:
+        return MediaError(f"{source} is not a readable image (no known image format; accepted: {allowed})")
+    return MediaError(f"{source} is not a readable image: it is {detected}, and only {allowed} are accepted")
+
+
+def open_image(fp: object, head: bytes, *, source: str) -> Image.Image:
+    """Image.open restricted to the allowed formats; MediaError naming the detected format."""
+    try:
+        return Image.open(fp, formats=allowed_formats())  # type: ignore[arg-type]
+    except UnidentifiedImageError:
+        raise refuse_format(head, source) from None
+
+
 def decode_image(data: bytes, *, source: str = "image") -> Image.Image:
     """Decode image bytes (sniffed by PIL, not trusted from a name) into an RGB image."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        with open_image(io.BytesIO(data), data[:64], source=source) as probe:
             width, height = probe.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise MediaError(

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, Depends, File, UploadFile
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import DiskFullError, is_disk_full
 from ...media import PayloadTooLargeError
 from ...schemas import Envelope, UploadedFile, UploadInstruction, UploadTicket, UploadTicketRequest
-from ..deps import AccountDep, Authenticated, BaseUrlDep, ServicesDep
+from ..deps import AccountDep, Authenticated, BaseUrlDep, ServicesDep, json_body
 from .predictions import ERRORS
 
 router = APIRouter(prefix="/api/v3/media", dependencies=[Authenticated], responses=ERRORS, tags=["media"])
@@ -23,10 +25,24 @@ CHUNK = 1024 * 1024
     "/uploads",
     response_model=Envelope[UploadTicket],
     summary="Start an upload: returns a signed PUT URL (no Authorization needed) and the download URL",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": UploadTicketRequest.model_json_schema()}},
+        }
+    },
 )
 def create_upload(
-    ticket: UploadTicketRequest, services: ServicesDep, base_url: BaseUrlDep, account: AccountDep
+    body: Annotated[Any, Depends(json_body)],
+    services: ServicesDep,
+    base_url: BaseUrlDep,
+    account: AccountDep,
 ) -> Envelope[UploadTicket]:
+    # The body is read strictly by json_body (no NaN, no huge numbers), then checked by the model.
+    try:
+        ticket = UploadTicketRequest.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
     upload = services.uploads.new(
         filename=ticket.filename, size=ticket.size, content_type=ticket.content_type, account=account
     )

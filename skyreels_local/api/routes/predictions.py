@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from ... import MODEL_ID
 from ...errors import InvalidInputError, TaskCode
 from ...jobs import Job, JobStatus
-from ...media import shorten
+from ...media import check_webhook_url, shorten
 from ...schemas import (
     DeletedCount,
     Envelope,
@@ -54,6 +54,9 @@ async def submit(
     webhook: Annotated[str | None, Query(description="URL that receives the finished prediction")] = None,
 ) -> Envelope[Prediction]:
     parsed = parse_skyreels_input(body, webhook_query=webhook)
+    if parsed.webhook_url:
+        field = "webhook" if webhook is not None else "webhook_url"
+        await run_in_threadpool(check_webhook_url, services.policy, parsed.webhook_url, field=field)
     job = await run_in_threadpool(services.submit, parsed, body, base_url, account)
     if not parsed.enable_sync_mode:
         return Envelope(data=await run_in_threadpool(services.render, job, base_url))
@@ -135,6 +138,7 @@ def cancel(
 
 
 _STATUSES = [s.value for s in JobStatus]
+MAX_PAGE = 1_000_000_000
 
 
 MAX_DELETE_IDS = 100
@@ -174,8 +178,9 @@ def _history(
         raise InvalidInputError("body", type(query).__name__, "must be a JSON object")
     page = query.get("page") or 1
     page_size = query.get("page_size") or 100
-    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
-        raise InvalidInputError("page", page, "must be an integer >= 1")
+    if isinstance(page, bool) or not isinstance(page, int) or not 1 <= page <= MAX_PAGE:
+        # Bounded so that the row offset fits SQLite's 64-bit integers.
+        raise InvalidInputError("page", page, f"must be an integer from 1 to {MAX_PAGE}")
     if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 100:
         raise InvalidInputError("page_size", page_size, "must be an integer from 1 to 100")
     status = query.get("status") or None
