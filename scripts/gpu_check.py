@@ -170,7 +170,7 @@ def write_random_weights(args: argparse.Namespace, device) -> dict[str, Any]:
     """Full-size random weights in the real layout (or the tiny model with --tiny)."""
     import torch
 
-    from skyreels_local.engine.synthetic import write_weights_folder
+    from skyreels_local.weights.synthetic import write_weights_folder
 
     folder: Path = args.weights_dir
     marker = folder / ".gpu_check_weights.json"
@@ -224,7 +224,7 @@ def build_full_weights(args: argparse.Namespace, device) -> dict[str, Any]:
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     from skyreels_local.engine.tiny import build_char_tokenizer
-    from skyreels_local.engine.weights import SKYREELS_I2V_TRANSFORMER_CONFIG
+    from skyreels_local.weights.layout import SKYREELS_I2V_TRANSFORMER_CONFIG
 
     def build(factory, dtype):
         previous = torch.get_default_dtype()

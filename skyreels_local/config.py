@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .engine.preset_names import PRESETS
+from .preset_names import PRESETS
 
 DEFAULT_WEIGHTS_DIR = Path("weights")
 TINY_MODEL = "tiny-random"  # the built-in demo model (engine/tiny.py); importable without torch

@@ -16,8 +16,8 @@ import pytest
 from api_server import MODEL_PATH, data_uri, png_bytes, running_server
 from fastapi.testclient import TestClient
 
-from skyreels_local.api import create_app
 from skyreels_local.config import Settings
+from skyreels_local.server.api import create_app
 
 LONG = 40
 

@@ -13,10 +13,10 @@ import pytest
 from api_server import MODEL_PATH, data_uri, server_env
 from fastapi.testclient import TestClient
 
-from skyreels_local.api import create_app
-from skyreels_local.api.auth import ApiKeys, bare_key_account
-from skyreels_local.api.services import DataDirInUseError
 from skyreels_local.config import Settings
+from skyreels_local.server.api import create_app
+from skyreels_local.server.api.auth import ApiKeys, bare_key_account
+from skyreels_local.server.api.services import DataDirInUseError
 
 
 def app_client(tmp_path, **settings) -> TestClient:
@@ -33,7 +33,7 @@ def test_the_http_process_never_imports_torch(tmp_path):
         import sys
         from fastapi.testclient import TestClient
         import skyreels_local.cli, skyreels_local.cli.serve
-        from skyreels_local.api import create_app
+        from skyreels_local.server.api import create_app
         from skyreels_local.config import Settings
 
         app = create_app(Settings(data_dir={str(tmp_path / "data")!r}, workers=0, api_keys=["k"]))

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from waiting import wait_until
 
 from skyreels_local.jobs import JobStore
-from skyreels_local.webhooks import verify
+from skyreels_local.server.webhooks import verify
 
 sys.path.insert(0, str(Path(TESTS_DIR).parent / "scripts"))
 from load_bench import run_load  # noqa: E402

@@ -15,8 +15,8 @@ import schemathesis
 from api_server import API_KEY, running_server
 from hypothesis import HealthCheck, settings
 
-from skyreels_local.api import create_app
 from skyreels_local.config import Settings
+from skyreels_local.server.api import create_app
 
 MAX_EXAMPLES = 12
 

@@ -7,14 +7,14 @@ import sqlite3
 import uuid
 
 from skyreels_local import jobs
-from skyreels_local.api.auth import (
+from skyreels_local.jobs import JobStore
+from skyreels_local.server.api.auth import (
     ApiKeys,
     bare_key_account,
     configured_keys,
     parse_key_entry,
     read_keys_file,
 )
-from skyreels_local.jobs import JobStore
 
 
 def test_a_hash_inside_a_key_is_part_of_it_and_only_line_initial_hashes_are_comments(tmp_path):

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from skyreels_local.bench import run as bench
+from skyreels_local.bench.report import bf16_floor_s, breakeven_reuse, transformer_flops
+from skyreels_local.bench.run import FULL_TRANSFORMER
 from skyreels_local.cli import build_parser
-from skyreels_local.engine import bench
-from skyreels_local.engine.bench import FULL_TRANSFORMER
-from skyreels_local.engine.bench_report import bf16_floor_s, breakeven_reuse, transformer_flops
 
 
 def test_flop_accounting_matches_performance_md():

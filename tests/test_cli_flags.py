@@ -18,7 +18,7 @@ from skyreels_local.cli.settings_flags import (
     settings_from_args,
 )
 from skyreels_local.config import Settings
-from skyreels_local.engine.preset_names import PRESETS
+from skyreels_local.preset_names import PRESETS
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 from skyreels_local.cli import build_parser, main
 from skyreels_local.cli.serve import ServeConfigError, check_bind_policy, settings_from_args
 from skyreels_local.config import Settings
-from skyreels_local.supervisor import plan_workers
+from skyreels_local.server.supervisor import plan_workers
 
 
 @pytest.fixture(autouse=True)

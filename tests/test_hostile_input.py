@@ -17,12 +17,12 @@ from fastapi import params
 from fastapi.routing import APIRoute
 from PIL import Image
 
-from skyreels_local import strict_json
-from skyreels_local.api import create_app
-from skyreels_local.api.responses import StrictJSONResponse
 from skyreels_local.config import Settings
 from skyreels_local.engine.images import allowed_formats, decode_image, detect_format
 from skyreels_local.errors import InvalidInputError, MediaError
+from skyreels_local.server import strict_json
+from skyreels_local.server.api import create_app
+from skyreels_local.server.api.responses import StrictJSONResponse
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
 IMAGE = data_uri()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import threading
 
-from skyreels_local.api.services import remove_orphan_partials
 from skyreels_local.jobs import POOL_SIZE, JobStore
+from skyreels_local.server.api.services import remove_orphan_partials
 
 
 def test_orphan_partials_are_removed_unless_their_job_is_running(tmp_path):

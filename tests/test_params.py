@@ -18,8 +18,8 @@ from skyreels_local.params import (
     GenerationParams,
     cfg_enabled,
 )
-from skyreels_local.schemas import SkyReelsInput, parse_skyreels_input
-from skyreels_local.worker import stored_params
+from skyreels_local.server.schemas import SkyReelsInput, parse_skyreels_input
+from skyreels_local.worker.main import stored_params
 
 IMAGE = "https://example.com/a.png"
 

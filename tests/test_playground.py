@@ -22,9 +22,9 @@ import httpx
 import pytest
 from api_server import data_uri, png_bytes, running_server
 
-from skyreels_local.api.routes.playground import CSP, form_fields
 from skyreels_local.engine.request import GUIDANCE_MAX, GUIDANCE_MIN, SEED_MAX, STEPS_MAX, STEPS_MIN
-from skyreels_local.schemas import SkyReelsInput
+from skyreels_local.server.api.routes.playground import CSP, form_fields
+from skyreels_local.server.schemas import SkyReelsInput
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

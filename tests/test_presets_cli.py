@@ -7,7 +7,7 @@ import pytest
 from skyreels_local.cli import build_parser, main
 from skyreels_local.cli.generate import GENERATE_FIELDS
 from skyreels_local.cli.settings_flags import settings_from_args
-from skyreels_local.engine.preset_names import DEFAULT_PRESET, PRESETS
+from skyreels_local.preset_names import DEFAULT_PRESET, PRESETS
 from skyreels_local.video import read_mp4
 
 

@@ -30,10 +30,10 @@ from skyreels_local.engine.profiles import (
 )
 from skyreels_local.engine.prompts import FreedTextEncoders, OffloadedTextEncoders, ResidentTextEncoders
 from skyreels_local.engine.request import GenerationRequest
-from skyreels_local.engine.synthetic import write_tiny_weights
 from skyreels_local.engine.tiny import build_tiny_components
-from skyreels_local.engine.weights import SKYREELS_I2V_TRANSFORMER_CONFIG
 from skyreels_local.errors import InvalidInputError
+from skyreels_local.weights.layout import SKYREELS_I2V_TRANSFORMER_CONFIG
+from skyreels_local.weights.synthetic import write_tiny_weights
 from tests.conftest import make_test_image
 
 GIB = 1024**3
@@ -330,7 +330,7 @@ def test_offloaded_text_encoders_leave_the_device_after_encoding():
 
 def test_freed_text_encoders_are_reloaded_for_new_prompts(tmp_path):
     folder = write_tiny_weights(tmp_path / "w")
-    from skyreels_local.engine.weights import build_manifest, write_manifest
+    from skyreels_local.weights.layout import build_manifest, write_manifest
 
     write_manifest(folder, build_manifest(folder))
     shutil.copy(default_profiles_dir() / "cpu.toml", tmp_path / "cpu-free.toml")

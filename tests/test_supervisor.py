@@ -14,7 +14,7 @@ from waiting import wait_until
 
 from skyreels_local.config import Settings
 from skyreels_local.jobs import JobStatus, JobStore
-from skyreels_local.supervisor import WorkerSupervisor
+from skyreels_local.server.supervisor import WorkerSupervisor
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from api_server import local_site
 
 from skyreels_local.jobs import JobStore
 from skyreels_local.media import AddressPolicy
-from skyreels_local.webhooks import WebhookDispatcher, backoff_s, new_secret, sign, verify
+from skyreels_local.server.webhooks import WebhookDispatcher, backoff_s, new_secret, sign, verify
 
 SECRET = "whsec_0123456789abcdef"
 

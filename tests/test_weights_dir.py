@@ -11,8 +11,8 @@ import torch
 from skyreels_local.engine.loader import load_engine
 from skyreels_local.engine.request import GenerationRequest
 from skyreels_local.engine.tiny import build_tiny_pipeline
-from skyreels_local.engine.weights import check_weights_dir, find_layout_problems
 from skyreels_local.errors import WeightsError
+from skyreels_local.weights.layout import check_weights_dir, find_layout_problems
 from tests.conftest import make_test_image
 
 

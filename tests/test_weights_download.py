@@ -15,12 +15,12 @@ import huggingface_hub
 import pytest
 
 from skyreels_local.cli import main as cli_main
-from skyreels_local.engine import download
-from skyreels_local.engine.download import BASE_REVISION, default_sources, download_weights
 from skyreels_local.engine.loader import load_engine
 from skyreels_local.engine.request import GenerationRequest
-from skyreels_local.engine.synthetic import write_tiny_weights
-from skyreels_local.engine.weights import (
+from skyreels_local.errors import WeightsError
+from skyreels_local.weights import download
+from skyreels_local.weights.download import BASE_REVISION, default_sources, download_weights
+from skyreels_local.weights.layout import (
     BASE_REPO,
     MANIFEST_NAME,
     TRANSFORMER_REPO,
@@ -30,7 +30,7 @@ from skyreels_local.engine.weights import (
     safetensors_header_problem,
     verify_weights_dir,
 )
-from skyreels_local.errors import WeightsError
+from skyreels_local.weights.synthetic import write_tiny_weights
 from tests.conftest import make_test_image
 from tests.weights_helpers import fake_snapshot_download
 

@@ -12,16 +12,16 @@ from safetensors.torch import save_file
 
 from skyreels_local.cli import main as cli_main
 from skyreels_local.engine.loader import load_engine
-from skyreels_local.engine.single_file import (
+from skyreels_local.engine.tiny import build_tiny_components
+from skyreels_local.errors import WeightsError
+from skyreels_local.weights.layout import read_manifest, verify_weights_dir
+from skyreels_local.weights.single_file import (
     SKYREELS_I2V_TRANSFORMER_CONFIG,
     _split_fused_single_block_linear1,
     _to_diffusers,
     import_single_file,
 )
-from skyreels_local.engine.synthetic import write_weights_folder
-from skyreels_local.engine.tiny import build_tiny_components
-from skyreels_local.engine.weights import read_manifest, verify_weights_dir
-from skyreels_local.errors import WeightsError
+from skyreels_local.weights.synthetic import write_weights_folder
 from tests.weights_helpers import diffusers_to_original
 
 COMFY_PREFIX = "model.diffusion_model."

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..engine import bench
+from ..bench import run as bench
+
 from .settings_flags import HelpFormatter
 
 

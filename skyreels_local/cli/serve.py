@@ -63,7 +63,7 @@ def check_bind_policy(settings: Settings) -> None:
     """No real key configured: loopback only, unless --insecure-no-auth (then say so loudly).
     Empty entries (`--api-key "$KEY"` with KEY unset) count as no key: they never turn auth off
     on a public address."""
-    from ..api.auth import configured_keys  # here: `skyreels-local --help` stays fast
+    from ..server.api.auth import configured_keys  # here: `skyreels-local --help` stays fast
 
     if settings.api_keys_file and not Path(settings.api_keys_file).expanduser().is_file():
         raise ServeConfigError(f"--api-keys-file {str(settings.api_keys_file)!r} does not exist")
@@ -100,9 +100,9 @@ def check_bind_policy(settings: Settings) -> None:
 def check_startup(settings: Settings) -> None:
     """What can be known before any worker starts: refuse to serve rather than accept jobs that
     no worker could run. A worker's own load errors (a GPU fault) show in /ready and in submits."""
-    from ..engine.preset_names import validate_preset
-    from ..engine.profile_names import validate_profile_spec
     from ..errors import InvalidInputError
+    from ..preset_names import validate_preset
+    from ..profile_names import validate_profile_spec
 
     try:
         validate_preset(settings.preset)
@@ -112,8 +112,8 @@ def check_startup(settings: Settings) -> None:
     if settings.device is not None:
         check_device(settings.device)
     if settings.model != TINY_MODEL and not settings.engine_factory and settings.workers != 0:
-        from ..engine.weights import check_weights_dir
         from ..errors import WeightsError
+        from ..weights.layout import check_weights_dir
 
         try:
             check_weights_dir(settings.model)  # layout, sizes and headers; no hashing
@@ -128,7 +128,7 @@ def check_device(device: str) -> None:
             f"got {device!r}"
         )
     if device.startswith("cuda"):
-        from ..supervisor import visible_gpus
+        from ..server.supervisor import visible_gpus
 
         gpus = visible_gpus()
         index = int(device.partition(":")[2] or 0)
@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from ..api import create_app
-    from ..api.limits import KEEP_ALIVE_S, header_timeout_protocol
+    from ..server.api import create_app
+    from ..server.api.limits import KEEP_ALIVE_S, header_timeout_protocol
 
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import DEFAULT_WEIGHTS_DIR, TINY_MODEL, Settings
-from ..engine.weights import CheckStatus, VerifyReport
+from ..weights.layout import CheckStatus, VerifyReport
 from .settings_flags import HelpFormatter
 
 EXIT_OK = 0
@@ -31,7 +31,7 @@ def _weights_dir(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..engine.download import BASE_REVISION, TRANSFORMER_REVISION
+    from ..weights.download import BASE_REVISION, TRANSFORMER_REVISION
 
     p = subparsers.add_parser(
         "weights",
@@ -121,7 +121,7 @@ def _bytes_bar(total: int | None, desc: str):
 
 def run_download(args: argparse.Namespace) -> int:
     args.dir = _weights_dir(args)
-    from ..engine.download import default_sources, download_weights
+    from ..weights.download import default_sources, download_weights
 
     sources = default_sources(
         base_revision=args.base_revision,
@@ -148,8 +148,8 @@ def run_download(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     args.dir = _weights_dir(args)
-    from ..engine.weights import build_manifest, find_layout_problems, list_weight_files, verify_weights_dir
-    from ..engine.weights import write_manifest as save_manifest
+    from ..weights.layout import build_manifest, find_layout_problems, list_weight_files, verify_weights_dir
+    from ..weights.layout import write_manifest as save_manifest
 
     folder: Path = args.dir.expanduser()
     if args.write_manifest:
@@ -196,7 +196,7 @@ def format_report(report: VerifyReport, *, show_all: bool = False) -> str:
 
 def run_import(args: argparse.Namespace) -> int:
     args.dir = _weights_dir(args)
-    from ..engine.single_file import import_single_file
+    from ..weights.single_file import import_single_file
 
     result = import_single_file(
         args.file, args.dir, config=args.config, dtype=args.dtype, replace=args.replace

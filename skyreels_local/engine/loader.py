@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..weights.layout import TRANSFORMER_SUBDIR, check_weights_dir
 from .engine import Engine, ModelSpec
 from .presets import DEFAULT_PRESET, PresetOptions, apply_preset, validate_preset
 from .profiles import AUTO, Profile, apply_profile, resolve_profile
@@ -26,7 +27,6 @@ from .tiny import (
     TINY_PROMPT_TEMPLATE,
     build_tiny_pipeline,
 )
-from .weights import TRANSFORMER_SUBDIR, check_weights_dir
 
 log = logging.getLogger(__name__)
 

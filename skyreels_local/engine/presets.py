@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..preset_names import DEFAULT_CACHE_THRESHOLD, DEFAULT_PRESET, PRESETS, validate_preset
 from .attention import (
     AUTO,
     AttentionChoice,
@@ -34,7 +35,6 @@ from .attention import (
     install_mask_free_attention,
     probe_backends,
 )
-from .preset_names import DEFAULT_CACHE_THRESHOLD, DEFAULT_PRESET, PRESETS, validate_preset
 
 __all__ = ["DEFAULT_CACHE_THRESHOLD", "DEFAULT_PRESET", "PRESETS", "validate_preset"]  # re-exported
 

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import InvalidInputError
-from .profile_names import AUTO, PROFILE_SUFFIXES, builtin_profiles_dir, profile_files
+from ..profile_names import AUTO, PROFILE_SUFFIXES, builtin_profiles_dir, profile_files
 from .prompts import FreedTextEncoders, OffloadedTextEncoders, ResidentTextEncoders, TextEncoderResidency
 
 log = logging.getLogger(__name__)

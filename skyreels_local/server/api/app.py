@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from .. import MODEL_ID, __version__
-from ..config import Settings
+from ... import MODEL_ID, __version__
+from ...config import Settings
 from .deps import ApiKeyGate
 from .errors import BodySizeLimit, install_error_handlers
 from .metrics import build_registry

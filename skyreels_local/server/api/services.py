@@ -24,12 +24,13 @@ from typing import IO, Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from .. import MODEL_ID, strict_json
-from ..config import Settings
-from ..errors import SkyreelsError, TaskCode
-from ..jobs import TERMINAL_STATUSES, Job, JobStatus, JobStore
-from ..media import AddressPolicy, Links, UploadStore, UrlSigner, upload_id_in
-from ..paths import DataPaths
+from ... import MODEL_ID
+from ...config import Settings
+from ...errors import SkyreelsError, TaskCode
+from ...jobs import TERMINAL_STATUSES, Job, JobStatus, JobStore
+from ...media import AddressPolicy, Links, UploadStore, UrlSigner, upload_id_in
+from ...paths import DataPaths
+from .. import strict_json
 from ..schemas import Prediction, SkyReelsInput, prediction_from_job
 from ..supervisor import WorkerSupervisor
 from ..webhooks import SECRET_PREFIX, WebhookDispatcher, new_secret

@@ -16,10 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import MODEL_ID
-from ..errors import DiskFullError, SkyreelsError, TaskCode
-from ..jobs import QueueFullError
-from ..media import PayloadTooLargeError, shorten
+from ... import MODEL_ID
+from ...errors import DiskFullError, SkyreelsError, TaskCode
+from ...jobs import QueueFullError
+from ...media import PayloadTooLargeError, shorten
 from .responses import StrictJSONResponse as JSONResponse
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WeightsError
-from .weights import (
+from .layout import (
     BASE_REPO,
     TRANSFORMER_REPO,
     TRANSFORMER_SUBDIR,

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ... import MODEL_ID, __version__
+from .... import MODEL_ID, __version__
 from ...schemas import Balance, Envelope, ModelInfo, SkyReelsInput, WebhookSecret
 from ..deps import Authenticated, ServicesDep, has_valid_key
 from ..errors import error_response, phrase

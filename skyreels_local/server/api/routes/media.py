@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ...errors import DiskFullError, is_disk_full
-from ...media import PayloadTooLargeError
+from ....errors import DiskFullError, is_disk_full
+from ....media import PayloadTooLargeError
 from ...schemas import Envelope, UploadedFile, UploadInstruction, UploadTicket, UploadTicketRequest
 from ..deps import AccountDep, Authenticated, BaseUrlDep, ServicesDep, json_body
 from .predictions import ERRORS

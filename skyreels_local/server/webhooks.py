@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from .errors import SkyreelsError
-from .jobs import JobStore, WebhookDelivery
-from .media import AddressPolicy, guarded_client, shorten
+from ..errors import SkyreelsError
+from ..jobs import JobStore, WebhookDelivery
+from ..media import AddressPolicy, guarded_client, shorten
 
 log = logging.getLogger(__name__)
 

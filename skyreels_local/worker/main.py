@@ -38,15 +38,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import Settings
-from .errors import DiskFullError, GenerationCancelled, SkyreelsError, TaskCode, is_disk_full
-from .jobs import Job, JobStatus, JobStore
-from .media import AddressPolicy, ImageFetcher, UploadStore, UrlSigner
-from .params import GenerationParams
-from .paths import DataPaths
+from ..config import Settings
+from ..errors import DiskFullError, GenerationCancelled, SkyreelsError, TaskCode, is_disk_full
+from ..jobs import Job, JobStatus, JobStore
+from ..media import AddressPolicy, ImageFetcher, UploadStore, UrlSigner
+from ..params import GenerationParams
+from ..paths import DataPaths
 
 # Named explicitly: run as `python -m`, __name__ would be "__main__".
-log = logging.getLogger("skyreels_local.worker")
+log = logging.getLogger("skyreels_local.worker.main")
 
 PROGRESS_EVERY_S = 0.5  # throttle of progress writes
 DENOISE_SHARE = 0.95  # progress reached when denoising ends; decode + encode are the rest
@@ -61,8 +61,8 @@ def build_engine(settings: Settings, device: str | None) -> Any:
         module_name, _, attr = settings.engine_factory.partition(":")
         factory = getattr(importlib.import_module(module_name), attr or "build_engine")
         return factory(settings, device)
-    from .engine.loader import load_engine
-    from .engine.presets import PresetOptions
+    from ..engine.loader import load_engine
+    from ..engine.presets import PresetOptions
 
     options = PresetOptions(
         attention=settings.attention,
@@ -175,7 +175,7 @@ class GpuWorker:
             JobLogTag.current = None
 
     def _run_job(self, engine: Any, job: Job) -> None:
-        from .engine.request import GenerationRequest
+        from ..engine.request import GenerationRequest
 
         claim = job.claim or ""
         started = time.monotonic()
@@ -252,7 +252,7 @@ class GpuWorker:
 
     def write_output(self, result: Any, job_id: str) -> str:
         """The job's MP4 under outputs/; returns its file name. A full disk is a DiskFullError."""
-        from .video import write_mp4
+        from ..video import write_mp4
 
         name = f"{job_id}.mp4"
         try:

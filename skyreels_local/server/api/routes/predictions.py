@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
-from ... import MODEL_ID
-from ...errors import InvalidInputError, TaskCode
-from ...jobs import Job, JobStatus
-from ...media import check_webhook_url, shorten
+from .... import MODEL_ID
+from ....errors import InvalidInputError, TaskCode
+from ....jobs import Job, JobStatus
+from ....media import check_webhook_url, shorten
 from ...schemas import (
     DeletedCount,
     Envelope,

@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from .errors import InvalidInputError, MissingInputError
-from .jobs import Job, JobStatus
-from .params import (
+from ..errors import InvalidInputError, MissingInputError
+from ..jobs import Job, JobStatus
+from ..params import (
     DEFAULT_ASPECT_RATIO,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_SEED,

@@ -28,9 +28,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .config import Settings
-from .errors import TaskCode
-from .jobs import JobStore
+from ..config import Settings
+from ..errors import TaskCode
+from ..jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class WorkerSupervisor:
 
     def _spawn(self, worker: _Managed) -> None:
         command = [
-            sys.executable, "-m", "skyreels_local.worker",
+            sys.executable, "-m", "skyreels_local.worker.main",
             "--id", worker.spec.id,
             "--device", worker.spec.device,
             "--config-json", self._config_json,

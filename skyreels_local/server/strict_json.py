@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 MAX_DEPTH = 32  # arrays/objects inside each other; our bodies use 2
 MAX_NUMBER_CHARS = 40  # an int64 is 19 digits; a float's repr at most 24 characters

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .weights import TRANSFORMER_SUBDIR
+from .layout import TRANSFORMER_SUBDIR
 
 # The base repository's model_index.json names the pipeline and each component's class.
 _MODEL_INDEX_CLASSES = {
@@ -59,6 +59,6 @@ def write_weights_folder(
 
 def write_tiny_weights(folder: str | Path, *, seed: int = 0) -> Path:
     """The built-in tiny-random components written as a weights folder (tests)."""
-    from .tiny import build_tiny_components
+    from ..engine.tiny import build_tiny_components
 
     return write_weights_folder(folder, build_tiny_components(seed))

@@ -5,7 +5,7 @@ What each preset does is in presets.py.
 
 from __future__ import annotations
 
-from ..errors import InvalidInputError
+from .errors import InvalidInputError
 
 PRESETS = ("stock", "exact", "fp8", "turbo")
 DEFAULT_PRESET = "exact"

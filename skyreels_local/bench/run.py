@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from ..params import DEFAULT_GUIDANCE_SCALE, SKYREELS_GEOMETRY, cfg_enabled
-from .bench_report import (
+from ..weights.layout import SKYREELS_I2V_TRANSFORMER_CONFIG
+from .report import (
     SCHEDULE_STEPS,
     Results,
     bf16_floor_s,
@@ -60,7 +61,6 @@ from .bench_report import (
     significant,
     step_flops,
 )
-from .weights import SKYREELS_I2V_TRANSFORMER_CONFIG
 
 # Run in this order: the step-time targets first, then the decode (it completes the end-to-end
 # estimates), then turbo on the fastest base reached, and the stock decode for comparison last.
@@ -315,7 +315,7 @@ class Bench:
         import torch
         from PIL import Image
 
-        from .prompts import PromptEmbeds
+        from ..engine.prompts import PromptEmbeds
 
         args = self.args
         started = time.perf_counter()
@@ -461,7 +461,7 @@ class Bench:
         return self.args.compile == "on" or (self.args.compile == "auto" and self.device.type == "cuda")
 
     def preset_options(self) -> Any:
-        from .presets import DEFAULT_CACHE_THRESHOLD, PresetOptions
+        from ..engine.presets import DEFAULT_CACHE_THRESHOLD, PresetOptions
 
         a = self.args
         return PresetOptions(
@@ -485,7 +485,7 @@ class Bench:
         """The shared inputs; the full clip starts from the shared noise, a shorter one from the seed."""
         import torch
 
-        from .denoise import DenoiseJob
+        from ..engine.denoise import DenoiseJob
 
         s = self.setup
         return DenoiseJob(
@@ -504,7 +504,7 @@ class Bench:
     def run_loop(
         self, record: dict[str, Any], *, steps: int, on_forward: Callable[[str], None] | None = None
     ) -> Any:
-        from .denoise import denoise_latents
+        from ..engine.denoise import denoise_latents
 
         marks: list[float] = []
         begin = [0.0]
@@ -556,8 +556,8 @@ class Bench:
 
     def short_pred(self, *, trimmed: bool, dtype: Any = None) -> Any:
         """One CFG step on the short clip, through the loop's own step function."""
-        from .denoise import cfg_velocity, trim_padding
-        from .prompts import PromptEmbeds
+        from ..engine.denoise import cfg_velocity, trim_padding
+        from ..engine.prompts import PromptEmbeds
 
         s = self.setup
         dtype = dtype or s.dtype
@@ -609,7 +609,7 @@ class Bench:
     def run_stock(self) -> dict[str, Any]:
         import torch
 
-        from .denoise import pipeline_kwargs
+        from ..engine.denoise import pipeline_kwargs
 
         s = self.setup
         record: dict[str, Any] = {"note": "diffusers pipeline call (padded text + mask)"}
@@ -637,7 +637,7 @@ class Bench:
         return record
 
     def run_exact(self) -> dict[str, Any]:
-        from .presets import apply_preset
+        from ..engine.presets import apply_preset
 
         s = self.setup
         started = time.perf_counter()
@@ -658,9 +658,9 @@ class Bench:
         return record
 
     def run_turbo(self) -> dict[str, Any]:
-        from .attention import has_mask_free_attention
-        from .denoise import denoise_latents
-        from .presets import StepCacheMonitor
+        from ..engine.attention import has_mask_free_attention
+        from ..engine.denoise import denoise_latents
+        from ..engine.presets import StepCacheMonitor
 
         s = self.setup
         transformer = s.pipe.transformer
@@ -707,7 +707,7 @@ class Bench:
         return record
 
     def run_fp8(self) -> dict[str, Any]:
-        from .presets import apply_preset, fp8_unavailable_reason, probe_fp8_rows
+        from ..engine.presets import apply_preset, fp8_unavailable_reason, probe_fp8_rows
 
         s = self.setup
         reason = fp8_unavailable_reason(self.device)
@@ -741,7 +741,7 @@ class Bench:
         return latents if latents is not None else s.stock_latents
 
     def run_decode(self) -> dict[str, Any]:
-        from .denoise import decode_latents
+        from ..engine.denoise import decode_latents
 
         latents = self.final_latents()
         if latents is None:
@@ -808,7 +808,7 @@ def recompile(transformer: Any, *, dynamic: bool | None, compile: bool = True) -
     """Drop the compiled block forwards; compile them again with `dynamic` unless `compile` is False."""
     import torch
 
-    from .presets import compile_regions, is_compiled
+    from ..engine.presets import compile_regions, is_compiled
 
     torch._dynamo.reset()
     for module in transformer.modules():
@@ -819,7 +819,7 @@ def recompile(transformer: Any, *, dynamic: bool | None, compile: bool = True) -
 
 
 def build_tiny_random_pipeline(device: Any) -> Any:
-    from .tiny import build_tiny_pipeline
+    from ..engine.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline().to(device)
 

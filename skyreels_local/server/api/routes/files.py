@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from ...jobs import Upload
-from ...media import OUTPUTS_PREFIX, UPLOADS_PREFIX
+from ....jobs import Upload
+from ....media import OUTPUTS_PREFIX, UPLOADS_PREFIX
 from ...schemas import Envelope, UploadedFile
 from ..deps import BaseUrlDep, ServicesDep
 from ..errors import ForbiddenError, NotFoundError

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import WeightsError
-from .weights import (
+from .layout import (
     SKYREELS_I2V_TRANSFORMER_CONFIG,
     TRANSFORMER_SUBDIR,
     build_manifest,

@@ -13,7 +13,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from ..errors import InvalidInputError
+from .errors import InvalidInputError
 
 AUTO = "auto"
 PROFILE_SUFFIXES = (".toml", ".json", ".yaml", ".yml")

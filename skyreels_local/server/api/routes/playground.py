@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from ... import MODEL_ID
+from .... import MODEL_ID
 from ...schemas import SkyReelsInput
 from ..errors import NotFoundError
 
