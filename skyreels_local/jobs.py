@@ -12,7 +12,7 @@ was given up for dead (and its job re-queued) cannot overwrite the job's next ru
 
 The same file also holds the webhook outbox (written in the same transaction as the terminal
 state, so a finished job can never lose its webhook), the upload records and the server's secrets.
-Timestamps are Unix seconds (UTC) as REAL; the wire format is produced in schemas.py.
+Timestamps are Unix seconds (UTC) as REAL; the wire format is produced in server/schemas.py.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ is skipped, and one that fails records its error.
 
 At the top this module imports only the standard library and bench_report.py (likewise), so
 that the CLI registers its arguments without loading torch; it never imports the server or its
-settings, so that `python3 -m skyreels_local.engine.bench` runs on a bare GPU machine with
+settings, so that `python3 -m skyreels_local.bench` runs on a bare GPU machine with
 torch, diffusers and transformers (and torchao for fp8).
 """
 
@@ -897,7 +897,7 @@ def run(args: argparse.Namespace, *, started: float | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     parser = argparse.ArgumentParser(
-        prog="python -m skyreels_local.engine.bench",
+        prog="python -m skyreels_local.bench",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     add_arguments(parser)

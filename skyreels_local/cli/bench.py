@@ -1,7 +1,7 @@
 """`skyreels-local bench`: stock diffusers against each speed preset on this machine's device.
 
-The arguments and the run live in engine/bench.py (also runnable as
-`python3 -m skyreels_local.engine.bench` where only torch and diffusers are installed); that
+The arguments and the run live in bench/run.py (also runnable as
+`python3 -m skyreels_local.bench` where only torch and diffusers are installed); that
 module loads torch only when the benchmark runs, so registering it here costs nothing.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 
 from ..bench import run as bench
-
 from .settings_flags import HelpFormatter
 
 

@@ -120,7 +120,7 @@ class WorkerSupervisor:
 
     def _run(self) -> None:
         # Every worker is started, watched and stopped from this one thread, which outlives them:
-        # Linux's parent-death signal (worker.py) fires when the *thread* that started a process
+        # Linux's parent-death signal (worker/main.py) fires when the *thread* that started a process
         # exits, so a worker started from a short-lived thread (e.g. a thread pool's) would be
         # killed when that thread is retired.
         for worker in self.workers:
@@ -158,7 +158,7 @@ class WorkerSupervisor:
 
     def _spawn(self, worker: _Managed) -> None:
         command = [
-            sys.executable, "-m", "skyreels_local.worker.main",
+            sys.executable, "-m", "skyreels_local.worker",
             "--id", worker.spec.id,
             "--device", worker.spec.device,
             "--config-json", self._config_json,
@@ -207,7 +207,7 @@ class WorkerSupervisor:
         worker.restart_at = now + delay
 
     def _load_error(self, worker: _Managed) -> str:
-        """The reason a dead worker gave for not loading the model (worker.py marks it `failed`)."""
+        """The reason a dead worker gave for not loading the model (worker/main.py marks it `failed`)."""
         for record in self.store.workers():
             if record.id == worker.spec.id and record.state == "failed":
                 return record.error or "unknown error"

@@ -1,7 +1,7 @@
 """A worker process: loads the engine once, then claims jobs from the job table and runs them.
 
 One worker per GPU (one on a CPU-only machine), each its own process, started and restarted by
-the server's supervisor (supervisor.py) as `python -m skyreels_local.worker`. All communication
+the server's supervisor (server/supervisor.py) as `python -m skyreels_local.worker`. All communication
 with the HTTP process goes through the SQLite job table: the worker claims the oldest waiting
 job, writes throttled progress, checks the cancel flag after every denoising step (the engine
 raises from its step callback, so a cancelled job runs no VAE decode), writes the MP4 atomically,
@@ -16,7 +16,7 @@ Faults stay inside their job: a CUDA out-of-memory fails the job with a message 
 lower-memory profile and the worker goes on with its model loaded; a full disk fails the job
 with a clear "disk is full" error (code 5000), and an outcome that cannot be written to the job
 table (the same full disk) is retried until it can, never dropped. A job that hangs is the
-supervisor's to end (the per-job timeout, supervisor.py).
+supervisor's to end (the per-job timeout, server/supervisor.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from ..params import GenerationParams
 from ..paths import DataPaths
 
 # Named explicitly: run as `python -m`, __name__ would be "__main__".
-log = logging.getLogger("skyreels_local.worker.main")
+log = logging.getLogger("skyreels_local.worker")
 
 PROGRESS_EVERY_S = 0.5  # throttle of progress writes
 DENOISE_SHARE = 0.95  # progress reached when denoising ends; decode + encode are the rest

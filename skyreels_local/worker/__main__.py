@@ -1,0 +1,5 @@
+"""`python -m skyreels_local.worker`: how the supervisor starts a worker process."""
+
+from .main import main
+
+raise SystemExit(main())
