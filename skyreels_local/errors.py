@@ -12,6 +12,11 @@ import sqlite3
 from enum import IntEnum
 
 
+def shorten(text: str, limit: int = 100) -> str:
+    """`text` cut to `limit` characters for a message (a URL can be megabytes of data: URI)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class TaskCode(IntEnum):
     """`data.code` of a failed task, as the hosted API documents them."""
 

@@ -18,8 +18,8 @@ from fastapi.routing import APIRoute
 from PIL import Image
 
 from skyreels_local.config import Settings
-from skyreels_local.engine.images import allowed_formats, decode_image, detect_format
 from skyreels_local.errors import InvalidInputError, MediaError
+from skyreels_local.media.images import allowed_formats, decode_image, detect_format
 from skyreels_local.server import strict_json
 from skyreels_local.server.api import create_app
 from skyreels_local.server.api.responses import StrictJSONResponse

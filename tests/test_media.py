@@ -15,19 +15,10 @@ from PIL import Image
 
 from skyreels_local.errors import InvalidInputError, MediaError
 from skyreels_local.jobs import JobStore
-from skyreels_local.media import (
-    AddressPolicy,
-    BlockedAddressError,
-    ImageFetcher,
-    Links,
-    PayloadTooLargeError,
-    UploadStore,
-    UrlSigner,
-    decode_data_uri,
-    describe_address,
-    safe_filename,
-    sniff_image,
-)
+from skyreels_local.media.fetch import ImageFetcher, decode_data_uri
+from skyreels_local.media.net import AddressPolicy, BlockedAddressError, describe_address
+from skyreels_local.media.signing import Links, UrlSigner
+from skyreels_local.media.uploads import PayloadTooLargeError, UploadStore, safe_filename, sniff_image
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from skyreels_local.engine.images import centre_crop_resize, decode_image
 from skyreels_local.engine.request import GenerationRequest, validate_fields, with_fps_prefix
 from skyreels_local.errors import InvalidInputError, MediaError, MissingInputError
+from skyreels_local.media.images import centre_crop_resize, decode_image
 from tests.conftest import make_test_image
 
 

@@ -11,7 +11,7 @@ import pytest
 from api_server import local_site
 
 from skyreels_local.jobs import JobStore
-from skyreels_local.media import AddressPolicy
+from skyreels_local.media.net import AddressPolicy
 from skyreels_local.server.webhooks import WebhookDispatcher, backoff_s, new_secret, sign, verify
 
 SECRET = "whsec_0123456789abcdef"

@@ -6,9 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..engine.images import decode_image, load_image_file
-from ..errors import InvalidInputError, MediaError
+from ..errors import InvalidInputError
+from ..media.images import decode_image, load_image_file
 from ..params import (
     ASPECT_RATIOS,
     DEFAULT_ASPECT_RATIO,
@@ -25,11 +26,25 @@ from ..params import (
 from ..paths import DataPaths
 from .settings_flags import HelpFormatter, add_settings_flags, settings_from_args
 
-# The Settings fields `generate` reads, each a flag with its SKYREELS_* twin (settings_flags.py);
-# data_dir holds the torch.compile cache that the fast presets reuse.
-GENERATE_FIELDS = ("model", "device", "profile", "preset", "attention", "turbo_threshold", "data_dir")
+if TYPE_CHECKING:
+    from ..config import Settings
 
-MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024
+# The Settings fields `generate` reads, each a flag with its SKYREELS_* twin (settings_flags.py);
+# data_dir holds the torch.compile cache that the fast presets reuse; the last three govern an
+# --image URL, which is fetched exactly as the server fetches an `image` URL.
+GENERATE_FIELDS = (
+    "model",
+    "device",
+    "profile",
+    "preset",
+    "attention",
+    "turbo_threshold",
+    "data_dir",
+    "max_download_bytes",
+    "download_timeout_s",
+    "url_allow_list",
+)
+
 TINY_DEMO_NOTE = (
     "tiny-random is a DEMO model with random weights, so its videos are noise; it renders at a "
     "fixed small size (64x32 for 16:9, 9 frames unless --num-frames) so that it runs in seconds on "
@@ -44,7 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate one image-to-video clip and write it as an H.264 MP4.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--image", required=True, help="input image: a local file path or an http(s) URL")
+    p.add_argument(
+        "--image",
+        required=True,
+        help="input image: a local file path or an http(s) URL; a URL is fetched as the server "
+        "fetches one (--max-download-bytes, --download-timeout-s), and a loopback or LAN host is "
+        "refused unless --url-allow-list names it (e.g. --url-allow-list 192.168.1.0/24)",
+    )
     p.add_argument(
         "--prompt",
         required=True,
@@ -73,23 +94,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def read_image(source: str):
-    """A local path, or an http(s) URL fetched with a size cap (the CLI user's own URL: no SSRF policy)."""
-    if source.startswith(("http://", "https://")):
-        import httpx
+def read_image(source: str, settings: Settings):
+    """A local path, or an http(s) URL downloaded as the server downloads an `image` URL: the same
+    size and time limits, redirect cap and address policy. The policy is the server's on purpose:
+    one rule to learn, and a URL that works here works when submitted to the server. The CLI user
+    fetches their own URL, so a loopback or LAN host is one flag away (--url-allow-list)."""
+    if source[:8].lower().startswith(("http://", "https://")):
+        from ..media.fetch import download  # httpx loads only when a URL is given
+        from ..media.net import AddressPolicy
 
-        try:
-            with httpx.stream("GET", source, follow_redirects=True, timeout=30.0) as response:
-                response.raise_for_status()
-                chunks, size = [], 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > MAX_DOWNLOAD_BYTES:
-                        raise MediaError(f"image URL {source!r} is larger than {MAX_DOWNLOAD_BYTES} bytes")
-                    chunks.append(chunk)
-        except httpx.HTTPError as exc:
-            raise MediaError(f"cannot download image {source!r}: {exc}") from exc
-        return decode_image(b"".join(chunks), source=f"image URL {source!r}")
+        data = download(
+            source,
+            policy=AddressPolicy(settings.url_allow_list),
+            max_bytes=settings.max_download_bytes,
+            timeout_s=settings.download_timeout_s,
+        )
+        return decode_image(data, source=f"image URL {source!r}")
     return load_image_file(source)
 
 
@@ -116,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     # Validate everything cheap before the (possibly minutes-long) model load: the parameters
     # (the same contract and errors as the API's), then the image.
     params = params_from_args(args)
-    image = read_image(args.image)
+    image = read_image(args.image, settings)
 
     # torch and diffusers load only now, so that bad input fails in well under a second.
     from ..engine.engine import Progress

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ..errors import GenerationCancelled
+from ..media.images import centre_crop_resize
 from ..params import OUTPUT_FPS, ModelGeometry
 from .denoise import DenoiseJob, generate_video, pipeline_kwargs
-from .images import centre_crop_resize
 from .presets import AppliedPreset
 from .prompts import PromptEncoder, TextEncoderResidency
 from .request import GenerationRequest

@@ -1,4 +1,5 @@
-"""Input image decoding and the SkyReels centre crop.
+"""Input image decoding and the SkyReels centre crop (torch-free: the HTTP process sniffs uploads
+with it, the worker and the CLI decode inputs with it, the engine crops with it).
 
 The diffusers pipeline resizes the image straight to H x W, which squashes a 4:3 photo into 16:9;
 upstream SkyReels centre-crops to the target aspect first, so we do that before the pipeline.

@@ -8,8 +8,6 @@ The pydantic models document the same shapes in the OpenAPI file.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -19,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ..errors import InvalidInputError, MissingInputError
 from ..jobs import Job, JobStatus
+from ..media.net import is_legacy_ipv4
 from ..params import (
     DEFAULT_ASPECT_RATIO,
     DEFAULT_GUIDANCE_SCALE,
@@ -218,7 +217,7 @@ def _check_url(field: str, value: object, schemes: tuple[str, ...], what: str) -
     scheme = parts.scheme.lower()
     if scheme not in schemes or (scheme != "data" and not hostname):
         raise InvalidInputError(field, shown, f"must be {what}")
-    if scheme != "data" and _is_odd_ipv4(hostname):
+    if scheme != "data" and is_legacy_ipv4(hostname):
         raise InvalidInputError(
             field, shown, f"must name an IPv4 host in dotted-decimal form (a.b.c.d), not {hostname!r}"
         )
@@ -230,21 +229,6 @@ def _check_url(field: str, value: object, schemes: tuple[str, ...], what: str) -
         except (httpx.InvalidURL, ValueError) as exc:
             raise InvalidInputError(field, shown, f"must be {what} (it cannot be parsed: {exc})") from None
     return value
-
-
-def _is_odd_ipv4(host: str) -> bool:
-    """Whether `host` is an IPv4 address in one of the legacy forms resolvers still accept
-    (0x7f.1, 2130706433, 127.1, 0177.0.0.1): nobody writes those but to slip past filters, so
-    they are refused at submit. The address policy (media.py) still checks the canonical form."""
-    try:
-        socket.inet_aton(host)
-    except (OSError, ValueError):
-        return False
-    try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        return True
-    return False
 
 
 def _optional_bool(body: dict[str, Any], field: str) -> bool:

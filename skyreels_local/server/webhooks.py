@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from ..errors import SkyreelsError
+from ..errors import SkyreelsError, shorten
 from ..jobs import JobStore, WebhookDelivery
-from ..media import AddressPolicy, guarded_client, shorten
+from ..media.net import AddressPolicy, guarded_client
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,10 @@ from typing import Any
 from ..config import Settings
 from ..errors import DiskFullError, GenerationCancelled, SkyreelsError, TaskCode, is_disk_full
 from ..jobs import Job, JobStatus, JobStore
-from ..media import AddressPolicy, ImageFetcher, UploadStore, UrlSigner
+from ..media.fetch import ImageFetcher
+from ..media.net import AddressPolicy
+from ..media.signing import UrlSigner
+from ..media.uploads import UploadStore
 from ..params import GenerationParams
 from ..paths import DataPaths
 

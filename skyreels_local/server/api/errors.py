@@ -17,9 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ... import MODEL_ID
-from ...errors import DiskFullError, SkyreelsError, TaskCode
+from ...errors import DiskFullError, SkyreelsError, TaskCode, shorten
 from ...jobs import QueueFullError
-from ...media import PayloadTooLargeError, shorten
+from ...media.uploads import PayloadTooLargeError
 from .responses import StrictJSONResponse as JSONResponse
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,9 @@ from ... import MODEL_ID
 from ...config import Settings
 from ...errors import SkyreelsError, TaskCode
 from ...jobs import TERMINAL_STATUSES, Job, JobStatus, JobStore
-from ...media import AddressPolicy, Links, UploadStore, UrlSigner, upload_id_in
+from ...media.net import AddressPolicy
+from ...media.signing import Links, UrlSigner
+from ...media.uploads import UploadStore, upload_id_in
 from ...paths import DataPaths
 from .. import strict_json
 from ..schemas import Prediction, SkyReelsInput, prediction_from_job

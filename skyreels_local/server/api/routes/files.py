@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
 from ....jobs import Upload
-from ....media import OUTPUTS_PREFIX, UPLOADS_PREFIX
+from ....media.signing import OUTPUTS_PREFIX, UPLOADS_PREFIX
 from ...schemas import Envelope, UploadedFile
 from ..deps import BaseUrlDep, ServicesDep
 from ..errors import ForbiddenError, NotFoundError

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ....errors import DiskFullError, is_disk_full
-from ....media import PayloadTooLargeError
+from ....media.uploads import PayloadTooLargeError
 from ...schemas import Envelope, UploadedFile, UploadInstruction, UploadTicket, UploadTicketRequest
 from ..deps import AccountDep, Authenticated, BaseUrlDep, ServicesDep, json_body
 from .predictions import ERRORS

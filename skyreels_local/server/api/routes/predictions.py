@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
 from .... import MODEL_ID
-from ....errors import InvalidInputError, TaskCode
+from ....errors import InvalidInputError, TaskCode, shorten
 from ....jobs import Job, JobStatus
-from ....media import check_webhook_url, shorten
+from ....media.net import check_webhook_url
 from ...schemas import (
     DeletedCount,
     Envelope,
