@@ -187,7 +187,7 @@ def test_worker_reads_a_row_from_before_the_seed_was_in_params(tmp_path):
 
 
 def test_params_module_imports_neither_torch_nor_pil():
-    code = "import sys, skyreels_local.params, skyreels_local.schemas; print('torch' in sys.modules, 'PIL' in sys.modules)"
+    code = "import sys, skyreels_local.params, skyreels_local.server.schemas; print('torch' in sys.modules, 'PIL' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
