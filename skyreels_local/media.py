@@ -34,7 +34,8 @@ from PIL import Image
 
 from .engine.images import MAX_IMAGE_PIXELS, decode_image, open_image
 from .errors import InvalidInputError, MediaError, SkyreelsError, TaskCode
-from .jobs import JobStore, Upload
+from .jobs import Upload
+from .jobs.uploads import UploadsTable
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def sniff_image(path: Path) -> tuple[str, int, int]:
 class UploadStore:
     """Uploaded input images: rows in the job table, bytes under `<data>/uploads/<id>/<name>`."""
 
-    def __init__(self, root: Path, store: JobStore, *, max_bytes: int) -> None:
+    def __init__(self, root: Path, store: UploadsTable, *, max_bytes: int) -> None:
         self.root = root
         self.store = store
         self.max_bytes = max_bytes
@@ -167,7 +168,7 @@ class UploadStore:
     ) -> Upload:
         if size > self.max_bytes:
             raise PayloadTooLargeError(f"`size` {size} is larger than the {self.max_bytes} bytes allowed")
-        return self.store.create_upload(
+        return self.store.create(
             id=uuid.uuid4().hex,
             filename=safe_filename(filename),
             content_type=content_type or "application/octet-stream",
@@ -192,7 +193,7 @@ class UploadStore:
             tmp.unlink(missing_ok=True)
             raise InvalidInputError("file", upload.filename, f"must be an image: {exc.message}") from None
         os.replace(tmp, self.file(upload))
-        self.store.complete_upload(upload.id, size=size, content_type=mime)
+        self.store.complete(upload.id, size=size, content_type=mime)
         upload.size, upload.content_type, upload.complete = size, mime, True
         return upload
 
@@ -400,7 +401,7 @@ class ImageFetcher:
             "GET", path, query.get("expires", [""])[0], query.get("signature", [""])[0]
         ):
             return None
-        return self.uploads.store.get_upload(match.group(1))
+        return self.uploads.store.get(match.group(1))
 
     def _read_upload(self, upload: Upload, source: str) -> Image.Image:
         path = self.uploads.file(upload)
