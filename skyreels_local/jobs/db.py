@@ -15,13 +15,13 @@ import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import DiskFullError, is_disk_full
 from .counters import CountersTable
-from .migrations import LATEST_VERSION, MIGRATIONS, Migration
+from .migrations import MIGRATIONS, Migration
 from .predictions import PredictionsTable
 from .secrets import SecretsTable
 from .uploads import UploadsTable
@@ -77,10 +77,11 @@ class Database:
 
     # --- schema ------------------------------------------------------------------------------
 
-    def migrate(self, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
-        """Apply the pending migrations, each in its own write transaction with the version it
-        reaches; returns the file's version. The version is read again inside each transaction,
-        so two processes opening an old file at once apply every migration exactly once."""
+    def migrate(self, migrations: Sequence[Migration] | None = None) -> int:
+        """Apply the pending migrations (migrations.MIGRATIONS), each in its own write transaction
+        with the version it reaches; returns the file's version. The version is read again inside
+        each transaction, so two processes opening an old file at once apply each one once."""
+        migrations = MIGRATIONS if migrations is None else migrations
         latest = migrations[-1].version
         while True:
             with self.write() as conn:
@@ -228,6 +229,3 @@ class Database:
         if owned is not None:
             owned.conn.close()
             self._local.owned = None
-
-
-__all__ = ["LATEST_VERSION", "POOL_SIZE", "Database"]
