@@ -3,8 +3,8 @@
 Runs inside the HTTP process (a thread; it never imports torch). One worker per visible GPU,
 each pinned with CUDA_VISIBLE_DEVICES; one on a CPU-only machine; `--device` pins a single
 worker. A worker that exits unexpectedly has its job re-queued (or failed once it has used up
-its attempts, see jobs.py) and is restarted with a growing delay, so a model that cannot load
-does not spin. A worker whose heartbeat stops (a hung process) is killed and treated the same.
+its attempts, see jobs/predictions.py) and is restarted with a growing delay, so a model that
+cannot load does not spin. A worker whose heartbeat stops (a hung process) is killed and treated the same.
 
 A job still running after `job_timeout_s` (a step that never returns, a stuck GPU: the worker's
 heartbeat thread goes on beating, so only the job's age shows it) is failed with code 5004 and
@@ -110,7 +110,7 @@ class WorkerSupervisor:
 
     def start(self) -> None:
         # Jobs left running by our worker ids, or by any worker process that no longer exists,
-        # belong to a previous life of the server: queue them again (or fail them, see jobs.py).
+        # belong to a previous life of the server: queue them again (or fail them, see jobs/predictions.py).
         dead = {w.spec.id for w in self.workers}
         dead |= {r.id for r in self.db.workers.all() if r.pid is None or not pid_alive(r.pid)}
         if dead:

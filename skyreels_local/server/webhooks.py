@@ -1,6 +1,6 @@
 """Webhook delivery: signed exactly as the hosted API signs, retried from a persistent outbox.
 
-A terminal job writes its delivery row in the same transaction as its state (jobs.py), so a
+A terminal job writes its delivery row in the same transaction as its state (jobs/predictions.py), so a
 result is never left without its webhook, even across a crash. This dispatcher runs in the HTTP
 process (never in a worker, so a slow receiver cannot hold up the GPU): it leases due rows,
 POSTs the bare prediction object with `input` [compat], and on failure retries with exponential
