@@ -195,7 +195,7 @@ def test_legacy_rows_are_visible_only_while_auth_is_off(tmp_path):
     data_dir = tmp_path / "data"
     legacy = uuid.uuid4().hex
     with TestClient(create_app(Settings(data_dir=data_dir, workers=0, api_keys=["team-a:k1"]))) as client:
-        client.app.state.services.store.create(
+        client.app.state.services.db.predictions.create(
             id=legacy, model="m", input={}, params={}, seed=1, base_url="http://s"
         )
         headers = {"Authorization": "Bearer k1"}
@@ -209,9 +209,9 @@ def test_legacy_rows_are_visible_only_while_auth_is_off(tmp_path):
 def test_a_failed_workers_error_and_pid_are_shown_only_with_a_key(tmp_path):
     settings = Settings(data_dir=tmp_path / "data", workers=0, api_keys=["team-a:k1"])
     with TestClient(create_app(settings)) as client:
-        store = client.app.state.services.store
-        store.register_worker("w0", pid=4242, device="cuda:0")
-        store.update_worker("w0", state="failed", error="cannot read /srv/weights/secret-model: denied")
+        store = client.app.state.services.db
+        store.workers.register("w0", pid=4242, device="cuda:0")
+        store.workers.update("w0", state="failed", error="cannot read /srv/weights/secret-model: denied")
         anonymous = client.get("/ready")
         assert anonymous.status_code == 503
         assert anonymous.json() == {

@@ -71,8 +71,8 @@ def test_ready_is_503_in_the_envelope_until_a_worker_is_up(tmp_path):
         assert data["status"] == "created" and data["queue_position"] == 1
         # a worker that registers and reports ready makes the server ready
         services = client.app.state.services
-        services.store.register_worker("w9", pid=1, device="cuda")
-        services.store.update_worker("w9", state="ready", model="/weights", profile="bf16-resident")
+        services.db.workers.register("w9", pid=1, device="cuda")
+        services.db.workers.update("w9", state="ready", model="/weights", profile="bf16-resident")
         ready = client.get("/ready", headers={"Authorization": "Bearer k"}).json()["data"]
         assert ready["ready"] is True and ready["model"] == "/weights" and ready["profile"] == "bf16-resident"
 
@@ -131,11 +131,11 @@ def test_api_keys_semantics(tmp_path):
 def test_the_retention_sweep_removes_old_predictions_uploads_and_their_files(tmp_path):
     with app_client(tmp_path, retention_days=7, api_keys=["k"]) as client:
         services = client.app.state.services
-        store, now = services.store, time.time()
+        store, now = services.db, time.time()
         kept, owner = {}, bare_key_account("k")
         for label, created in (("old", now - 8 * 86400), ("recent", now - 6 * 86400)):
             job_id = uuid.uuid4().hex
-            store.create(
+            store.predictions.create(
                 id=job_id,
                 model="m",
                 input={},
@@ -145,12 +145,12 @@ def test_the_retention_sweep_removes_old_predictions_uploads_and_their_files(tmp
                 now=created,
                 account=owner,
             )
-            store.claim_next("w0", label, now=created)
-            store.complete(
+            store.predictions.claim_next("w0", label, now=created)
+            store.predictions.complete(
                 job_id, label, outputs=[f"{job_id}.mp4"], execution_ms=1, inference_ms=1, now=created
             )
             (services.paths.outputs / f"{job_id}.mp4").write_bytes(b"video")
-            upload = store.create_upload(
+            upload = store.uploads.create(
                 id=uuid.uuid4().hex, filename="in.png", content_type="image/png", size=3, now=created
             )
             services.uploads.file(upload).parent.mkdir(parents=True)
@@ -163,7 +163,7 @@ def test_the_retention_sweep_removes_old_predictions_uploads_and_their_files(tmp
         assert client.get(f"/api/v3/predictions/{old_job}", headers=headers).status_code == 404
         assert not (services.paths.outputs / f"{old_job}.mp4").exists()
         assert (
-            store.get_upload(old_upload.id) is None and not services.uploads.file(old_upload).parent.exists()
+            store.uploads.get(old_upload.id) is None and not services.uploads.file(old_upload).parent.exists()
         )
         assert (
             client.get(f"/api/v3/predictions/{recent_job}", headers=headers).json()["data"]["status"]

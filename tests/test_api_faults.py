@@ -15,7 +15,7 @@ from api_server import TESTS_DIR, auth, data_uri, local_site, running_server
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import wait_until
 
-from skyreels_local.jobs import JobStore
+from skyreels_local.jobs import Database
 from skyreels_local.server.webhooks import verify
 
 sys.path.insert(0, str(Path(TESTS_DIR).parent / "scripts"))
@@ -122,7 +122,7 @@ def test_a_receiver_that_is_down_at_first_still_gets_the_webhook(server):
         for request in received:
             assert verify(secret, request.headers, request.body)
             assert request.json()["id"] == job["id"] and request.json()["status"] == "completed"
-    store = JobStore(server.data_dir / "jobs.sqlite3")
+    store = Database(server.data_dir / "jobs.sqlite3")
     row = store._conn().execute(
         "SELECT status, attempts, last_error FROM webhooks WHERE prediction_id = ?", (job["id"],)
     )
@@ -146,7 +146,7 @@ def test_a_hanging_receiver_stalls_neither_jobs_nor_other_webhooks(server):
             30,
             "a retry of the hanging delivery",
         )
-    store = JobStore(server.data_dir / "jobs.sqlite3")
+    store = Database(server.data_dir / "jobs.sqlite3")
     status, error = (
         store._conn()
         .execute("SELECT status, last_error FROM webhooks WHERE prediction_id = ?", (hanging["id"],))
@@ -166,10 +166,10 @@ def test_a_small_load_run_loses_nothing(server):
 
 
 def test_metrics_count_jobs_queue_generation_steps_restarts_and_webhooks(server):
-    store = JobStore(server.data_dir / "jobs.sqlite3")
+    store = Database(server.data_dir / "jobs.sqlite3")
     rows = store._conn().execute("SELECT id, status FROM predictions").fetchall()
     completed = [job_id for job_id, status in rows if status == "completed"]
-    steps = sum(store.get_full(job_id).params["num_inference_steps"] for job_id in completed)
+    steps = sum(store.predictions.get_full(job_id).params["num_inference_steps"] for job_id in completed)
     values = metrics(server)
     for status in ("created", "processing", "completed", "failed", "cancelled"):
         expected = sum(1 for _, s in rows if s == status)

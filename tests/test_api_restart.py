@@ -13,7 +13,7 @@ import pytest
 from api_server import auth, data_uri, local_site, start_server, stop_server, wait_ready
 from waiting import wait_until
 
-from skyreels_local.jobs import JobStatus, JobStore
+from skyreels_local.jobs import Database, JobStatus
 from skyreels_local.video import read_mp4
 
 SLOW = {"SKYREELS_ENGINE_FACTORY": "slow_engine:build_engine", "SKYREELS_TEST_STEP_DELAY_S": "0.25"}
@@ -85,11 +85,11 @@ def test_kill_9_of_the_server_restart_then_sigterm(tmp_path):
         # uvicorn re-raises the signal once its graceful shutdown is done, so the exit status says SIGTERM.
         assert code in (0, -signal.SIGTERM)
         assert "Application shutdown complete" in second.log_path.read_text()
-        store = JobStore(data_dir / "jobs.sqlite3")
-        assert store.get(interrupted["id"]).attempts == 2  # started once by each server
-        handed_back = store.get(running["id"])
+        store = Database(data_dir / "jobs.sqlite3")
+        assert store.predictions.get(interrupted["id"]).attempts == 2  # started once by each server
+        handed_back = store.predictions.get(running["id"])
         assert handed_back.status == JobStatus.CREATED and handed_back.attempts == 0
-        assert store.get(queued["id"]).status == JobStatus.CREATED
+        assert store.predictions.get(queued["id"]).status == JobStatus.CREATED
         store.close()
 
         # A third life (full speed) runs what SIGTERM handed back: every accepted job is terminal.
@@ -101,8 +101,8 @@ def test_kill_9_of_the_server_restart_then_sigterm(tmp_path):
         finally:
             stop_server(third)
     accepted = [finished, interrupted, waiting, running, queued]
-    store = JobStore(data_dir / "jobs.sqlite3")
-    assert {job.id: job.status for job in store.history(page_size=100)[0]} == {
+    store = Database(data_dir / "jobs.sqlite3")
+    assert {job.id: job.status for job in store.predictions.history(page_size=100)[0]} == {
         job["id"]: JobStatus.COMPLETED for job in accepted
     }
     assert sorted(p.name for p in (data_dir / "outputs").iterdir()) == sorted(

@@ -6,8 +6,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 
-from skyreels_local import jobs
-from skyreels_local.jobs import JobStore
+from skyreels_local.jobs import Database, migrations
 from skyreels_local.server.api.auth import (
     ApiKeys,
     bare_key_account,
@@ -65,7 +64,7 @@ def test_empty_entries_are_ignored_and_never_turn_auth_on_or_let_an_empty_key_in
 def _old_database(path):
     """A schema-1 database (before accounts) with one finished prediction and one upload."""
     conn = sqlite3.connect(path)
-    conn.executescript(jobs._SCHEMA)
+    conn.executescript(migrations.SCHEMA_V1)
     conn.execute(
         """INSERT INTO predictions (id, model, status, seed, base_url, created_at, params, input)
            VALUES ('a' || hex(randomblob(15)), 'm', 'completed', 1, 'http://s', 1.0, '{}', '{}')"""
@@ -81,26 +80,28 @@ def _old_database(path):
 def test_schema_upgrade_gives_old_rows_the_anonymous_owner_and_new_rows_theirs(tmp_path):
     path = tmp_path / "jobs.sqlite3"
     _old_database(path)
-    store = JobStore(path)
-    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == jobs.SCHEMA_VERSION == 2
-    (legacy,), _ = store.history(account=None)
-    assert legacy.account is None and store.get_upload("u1").account is None
-    assert store.history(account="team-a") == ([], 0)  # a keyed account does not see legacy rows
+    store = Database(path)
+    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == migrations.LATEST_VERSION == 2
+    (legacy,), _ = store.predictions.history(account=None)
+    assert legacy.account is None and store.uploads.get("u1").account is None
+    assert store.predictions.history(account="team-a") == ([], 0)  # a keyed account does not see legacy rows
     job_id = uuid.uuid4().hex
-    store.create(id=job_id, model="m", input={}, params={}, seed=1, base_url="http://s", account="team-a")
-    assert store.get(job_id).account == "team-a"
-    assert [j.id for j in store.history(account="team-a")[0]] == [job_id]
-    assert store.history(account=None)[1] == 1
+    store.predictions.create(
+        id=job_id, model="m", input={}, params={}, seed=1, base_url="http://s", account="team-a"
+    )
+    assert store.predictions.get(job_id).account == "team-a"
+    assert [j.id for j in store.predictions.history(account="team-a")[0]] == [job_id]
+    assert store.predictions.history(account=None)[1] == 1
     store.close()
-    JobStore(path).close()  # opening an upgraded database again is a no-op
+    Database(path).close()  # opening an upgraded database again is a no-op
 
 
 def test_delete_predictions_removes_only_the_owners_rows_and_their_webhooks(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = Database(tmp_path / "jobs.sqlite3")
     ids = {}
     for owner in ("team-a", "team-b"):
         ids[owner] = uuid.uuid4().hex
-        store.create(
+        store.predictions.create(
             id=ids[owner],
             model="m",
             input={"image": "http://h/files/uploads/" + "0" * 32 + "/a.png"},
@@ -110,20 +111,22 @@ def test_delete_predictions_removes_only_the_owners_rows_and_their_webhooks(tmp_
             webhook_url="http://hook",
             account=owner,
         )
-        store.request_cancel(ids[owner])  # terminal, with a webhook in the outbox
-    deleted = store.delete_predictions([ids["team-a"], ids["team-b"], "nope"], account="team-a")
+        store.predictions.request_cancel(ids[owner])  # terminal, with a webhook in the outbox
+    deleted = store.predictions.delete([ids["team-a"], ids["team-b"], "nope"], account="team-a")
     assert deleted.ids == [ids["team-a"]]
     assert deleted.inputs == ["http://h/files/uploads/" + "0" * 32 + "/a.png"]
-    assert store.get(ids["team-a"]) is None and store.get(ids["team-b"]) is not None
+    assert store.predictions.get(ids["team-a"]) is None and store.predictions.get(ids["team-b"]) is not None
     outbox = [row[0] for row in store._conn().execute("SELECT prediction_id FROM webhooks")]
     assert outbox == [ids["team-b"]]
-    assert store.delete_predictions([ids["team-b"]], account=None).ids == []
+    assert store.predictions.delete([ids["team-b"]], account=None).ids == []
 
 
 def test_history_filters_by_owner_only_when_asked(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = Database(tmp_path / "jobs.sqlite3")
     for owner in ("team-a", None):
-        store.create(id=uuid.uuid4().hex, model="m", input={}, params={}, seed=1, base_url="s", account=owner)
-    assert store.history()[1] == 2  # operators and tests see every row
-    assert [j.account for j in store.history(account="team-a")[0]] == ["team-a"]
-    assert [j.account for j in store.history(account=None)[0]] == [None]
+        store.predictions.create(
+            id=uuid.uuid4().hex, model="m", input={}, params={}, seed=1, base_url="s", account=owner
+        )
+    assert store.predictions.history()[1] == 2  # operators and tests see every row
+    assert [j.account for j in store.predictions.history(account="team-a")[0]] == ["team-a"]
+    assert [j.account for j in store.predictions.history(account=None)[0]] == [None]

@@ -18,7 +18,7 @@ from small_disk import fill, small_filesystem
 from waiting import wait_until
 
 from skyreels_local.errors import DiskFullError
-from skyreels_local.jobs import JobStatus, JobStore
+from skyreels_local.jobs import Database, JobStatus
 from skyreels_local.video import VideoWriteError, read_mp4, write_mp4
 
 FRAMES = np.full((9, 32, 64, 3), 90, np.uint8)
@@ -35,9 +35,9 @@ def test_writing_a_video_to_a_full_disk_raises_enospc_and_leaves_no_file(tmp_pat
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "fits.mp4"]  # no empty or partial file
 
 
-def new_job(store: JobStore) -> str:
+def new_job(store: Database) -> str:
     job_id = uuid.uuid4().hex
-    store.create(
+    store.predictions.create(
         id=job_id, model="m", input={"prompt": "p"}, params={"prompt": "p"}, seed=1, base_url="http://s"
     )
     return job_id
@@ -45,22 +45,22 @@ def new_job(store: JobStore) -> str:
 
 def test_the_job_table_refuses_writes_on_a_full_disk_and_loses_nothing(tmp_path):
     with small_filesystem(tmp_path / "disk", size_mb=4) as disk:
-        store = JobStore(disk / "jobs.sqlite3")
+        store = Database(disk / "jobs.sqlite3")
         accepted = [new_job(store) for _ in range(5)]
-        store.claim_next("w0", "claim-0")
+        store.predictions.claim_next("w0", "claim-0")
         filler = fill(disk)
         with pytest.raises(DiskFullError, match="disk is full"):
             new_job(store)
         with pytest.raises(DiskFullError):
-            store.fail(accepted[0], "claim-0", code=5000, error="x")
+            store.predictions.fail(accepted[0], "claim-0", code=5000, error="x")
         # Reads go on while nothing can be written.
-        assert store.get(accepted[0]).status == JobStatus.PROCESSING
-        assert store.queue_depth() == 4
+        assert store.predictions.get(accepted[0]).status == JobStatus.PROCESSING
+        assert store.predictions.queue_depth() == 4
 
         filler.unlink()
         # The same connection writes again: no transaction was left open by the failed commits.
         late = new_job(store)
-        assert store.fail(accepted[0], "claim-0", code=5000, error="x")
+        assert store.predictions.fail(accepted[0], "claim-0", code=5000, error="x")
         conn = sqlite3.connect(disk / "jobs.sqlite3")
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         ids = {row[0] for row in conn.execute("SELECT id FROM predictions")}

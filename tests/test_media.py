@@ -14,7 +14,7 @@ from api_server import local_site, png_bytes
 from PIL import Image
 
 from skyreels_local.errors import InvalidInputError, MediaError
-from skyreels_local.jobs import JobStore
+from skyreels_local.jobs import Database
 from skyreels_local.media.fetch import ImageFetcher, decode_data_uri
 from skyreels_local.media.net import AddressPolicy, BlockedAddressError, describe_address
 from skyreels_local.media.signing import Links, UrlSigner
@@ -23,12 +23,12 @@ from skyreels_local.media.uploads import PayloadTooLargeError, UploadStore, safe
 
 @pytest.fixture
 def store(tmp_path):
-    return JobStore(tmp_path / "jobs.sqlite3")
+    return Database(tmp_path / "jobs.sqlite3")
 
 
 @pytest.fixture
 def uploads(tmp_path, store):
-    return UploadStore(tmp_path / "uploads", store, max_bytes=100_000)
+    return UploadStore(tmp_path / "uploads", store.uploads, max_bytes=100_000)
 
 
 def fetcher(uploads, allow=(), max_bytes=100_000, timeout_s=5.0):
@@ -169,7 +169,7 @@ def test_upload_store_and_own_upload_urls(uploads):
     handle.close()
     uploads.finish(upload, tmp, len(image))
     assert uploads.file(upload).read_bytes() == image
-    stored = uploads.store.get_upload(upload.id)
+    stored = uploads.store.get(upload.id)
     assert stored.complete and stored.content_type == "image/png" and stored.size == len(image)
 
     f = fetcher(uploads)  # default policy: loopback refused, so a local read proves no HTTP happened

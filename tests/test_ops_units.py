@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from skyreels_local.jobs import POOL_SIZE, JobStore
+from skyreels_local.jobs import POOL_SIZE, Database
 from skyreels_local.server.api.services import remove_orphan_partials
 
 
@@ -21,7 +21,7 @@ def test_orphan_partials_are_removed_unless_their_job_is_running(tmp_path):
 
 
 def test_the_store_never_opens_more_than_its_pool_of_connections(tmp_path, monkeypatch):
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = Database(tmp_path / "jobs.sqlite3")
     opened = []
     real_open = store._open
     monkeypatch.setattr(store, "_open", lambda: opened.append(1) or real_open())
@@ -33,7 +33,7 @@ def test_the_store_never_opens_more_than_its_pool_of_connections(tmp_path, monke
         start.wait()
         try:
             for _ in range(50):
-                assert store.queue_depth() == 0
+                assert store.predictions.queue_depth() == 0
         except Exception as exc:  # surfaced below: a thread's assert would be lost
             errors.append(exc)
 
@@ -49,17 +49,17 @@ def test_the_store_never_opens_more_than_its_pool_of_connections(tmp_path, monke
 
 
 def test_nested_use_on_one_thread_shares_the_connection(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    with store._write() as outer, store._connection() as inner:
+    store = Database(tmp_path / "jobs.sqlite3")
+    with store.write() as outer, store.connection() as inner:
         assert inner is outer
     store.close()
 
 
-def running_job(store: JobStore, *, webhook_url: str | None = None) -> str:
-    store.create(
+def running_job(store: Database, *, webhook_url: str | None = None) -> str:
+    store.predictions.create(
         id="c" * 32, model="m", input={}, params={}, seed=1, base_url="http://x", webhook_url=webhook_url
     )
-    job = store.claim_next("w0", "claim-1")
+    job = store.predictions.claim_next("w0", "claim-1")
     assert job is not None and job.id == "c" * 32
     return job.id
 
@@ -67,31 +67,33 @@ def running_job(store: JobStore, *, webhook_url: str | None = None) -> str:
 def test_a_cancel_after_the_last_step_wins_over_the_result(tmp_path):
     """The cancel arrives while the worker decodes/encodes (the job is still processing): the
     result is not recorded, the job ends cancelled, and its webhook reports that."""
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = Database(tmp_path / "jobs.sqlite3")
     job_id = running_job(store, webhook_url="http://hook.example/x")
-    assert store.request_cancel(job_id).status == "processing"
-    assert store.complete(
+    assert store.predictions.request_cancel(job_id).status == "processing"
+    assert store.predictions.complete(
         job_id, "claim-1", outputs=[f"{job_id}.mp4"], execution_ms=5, inference_ms=4, steps=2
     )
-    job = store.get(job_id)
+    job = store.predictions.get(job_id)
     assert (job.status, job.outputs, job.error) == ("cancelled", [], "Prediction was cancelled")
-    assert store.counters() == {}  # the steps of a cancelled job are not counted as completed work
-    assert [d["status"] for d in store.webhook_deliveries(job_id)] == ["pending"]
+    assert store.counters.all() == {}  # the steps of a cancelled job are not counted as completed work
+    assert [d["status"] for d in store.webhooks.deliveries(job_id)] == ["pending"]
     # a later cancel leaves the terminal job as it is and answers its real status
-    assert store.request_cancel(job_id).status == "cancelled"
+    assert store.predictions.request_cancel(job_id).status == "cancelled"
 
 
 def test_a_cancel_after_the_result_is_recorded_answers_completed(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = Database(tmp_path / "jobs.sqlite3")
     job_id = running_job(store)
-    assert store.complete(job_id, "claim-1", outputs=[f"{job_id}.mp4"], execution_ms=5, inference_ms=4)
-    job = store.request_cancel(job_id)
+    assert store.predictions.complete(
+        job_id, "claim-1", outputs=[f"{job_id}.mp4"], execution_ms=5, inference_ms=4
+    )
+    job = store.predictions.request_cancel(job_id)
     assert (job.status, job.outputs) == ("completed", [f"{job_id}.mp4"])
 
 
 def test_a_stale_claim_records_nothing_even_with_a_cancel_pending(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = Database(tmp_path / "jobs.sqlite3")
     job_id = running_job(store)
-    store.request_cancel(job_id)
-    assert not store.complete(job_id, "someone-else", outputs=[], execution_ms=1, inference_ms=1)
-    assert store.get(job_id).status == "processing"
+    store.predictions.request_cancel(job_id)
+    assert not store.predictions.complete(job_id, "someone-else", outputs=[], execution_ms=1, inference_ms=1)
+    assert store.predictions.get(job_id).status == "processing"

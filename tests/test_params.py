@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from skyreels_local.errors import InvalidInputError, MissingInputError
-from skyreels_local.jobs import JobStore
+from skyreels_local.jobs import Database
 from skyreels_local.params import (
     DEFAULT_NEGATIVE_PROMPT,
     MAX_PROMPT_CHARS,
@@ -165,10 +165,12 @@ def test_json_round_trip_is_unchanged():
 
 def stored(tmp_path, params: dict, seed: int):
     """The job as the worker gets it after a round trip through the real job table."""
-    store = JobStore(tmp_path / "jobs.db")
+    store = Database(tmp_path / "jobs.db")
     try:
-        store.create(id="a" * 32, model="m", input={}, params=params, seed=seed, base_url="http://s")
-        return store.get_full("a" * 32)
+        store.predictions.create(
+            id="a" * 32, model="m", input={}, params=params, seed=seed, base_url="http://s"
+        )
+        return store.predictions.get_full("a" * 32)
     finally:
         store.close()
 

@@ -13,7 +13,7 @@ from api_server import TESTS_DIR, data_uri
 from waiting import wait_until
 
 from skyreels_local.config import Settings
-from skyreels_local.jobs import JobStatus, JobStore
+from skyreels_local.jobs import Database, JobStatus
 from skyreels_local.server.supervisor import WorkerSupervisor
 
 
@@ -23,14 +23,14 @@ def supervised(tmp_path, monkeypatch):
         "PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
     )
     settings = Settings(data_dir=tmp_path, device="cpu", engine_factory="slow_engine:build_stub_engine")
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = Database(tmp_path / "jobs.sqlite3")
     supervisor = WorkerSupervisor(settings, store)
     yield supervisor, store
     supervisor.stop()
 
 
-def ready_pid(store: JobStore) -> int | None:
-    workers = store.workers()
+def ready_pid(store: Database) -> int | None:
+    workers = store.workers.all()
     return workers[0].pid if workers and workers[0].state == "ready" else None
 
 
@@ -47,7 +47,7 @@ def test_workers_outlive_the_thread_that_started_the_supervisor(supervised):
     pid = ready_pid(store)
     time.sleep(1.5)  # the starting thread is gone: the parent-death signal must not have fired
     os.kill(pid, 0)
-    assert store.workers()[0].state == "ready" and supervisor.restarts == 0
+    assert store.workers.all()[0].state == "ready" and supervisor.restarts == 0
 
 
 def test_a_dead_worker_is_restarted_and_its_job_queued_again(supervised):
@@ -57,7 +57,7 @@ def test_a_dead_worker_is_restarted_and_its_job_queued_again(supervised):
     pid = ready_pid(store)
     # A job the worker "was running" when it died.
     job_id = uuid.uuid4().hex
-    store.create(
+    store.predictions.create(
         id=job_id,
         model="m",
         input={},
@@ -65,15 +65,15 @@ def test_a_dead_worker_is_restarted_and_its_job_queued_again(supervised):
         seed=1,
         base_url="http://s",
     )
-    store.claim_next("w0", "claim")
+    store.predictions.claim_next("w0", "claim")
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: ready_pid(store) not in (None, pid), 30, "a new ready worker")
     assert supervisor.restarts == 1
-    job = store.get(job_id)
+    job = store.predictions.get(job_id)
     # re-queued, then claimed by the restarted worker whose stub engine fails it
     assert job.status in (JobStatus.CREATED, JobStatus.PROCESSING, JobStatus.FAILED)
-    wait_until(lambda: store.get(job_id).status == JobStatus.FAILED, 30, "the job to fail")
-    failed = store.get(job_id)
+    wait_until(lambda: store.predictions.get(job_id).status == JobStatus.FAILED, 30, "the job to fail")
+    failed = store.predictions.get(job_id)
     assert failed.attempts == 2 and "stub engine does not generate" in failed.error
 
 
@@ -82,5 +82,5 @@ def test_stop_is_graceful(supervised):
     supervisor.start()
     wait_until(lambda: ready_pid(store) is not None, 30, "a ready worker")
     supervisor.stop()
-    assert store.workers()[0].state == "stopped"
+    assert store.workers.all()[0].state == "stopped"
     assert [w.process.returncode for w in supervisor.workers] == [0]

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from api_server import local_site
 
-from skyreels_local.jobs import JobStore
+from skyreels_local.jobs import Database
 from skyreels_local.media.net import AddressPolicy
 from skyreels_local.server.webhooks import WebhookDispatcher, backoff_s, new_secret, sign, verify
 
@@ -54,16 +54,16 @@ def test_backoff_grows_and_is_capped():
 
 @pytest.fixture
 def store(tmp_path):
-    return JobStore(tmp_path / "jobs.sqlite3")
+    return Database(tmp_path / "jobs.sqlite3")
 
 
-def finished_job(store: JobStore, url: str) -> str:
+def finished_job(store: Database, url: str) -> str:
     job_id = uuid.uuid4().hex
-    store.create(
+    store.predictions.create(
         id=job_id, model="m", input={"prompt": "p"}, params={}, seed=1, base_url="http://s", webhook_url=url
     )
-    store.claim_next("w0", "c")
-    store.complete(job_id, "c", outputs=[], execution_ms=1, inference_ms=1)
+    store.predictions.claim_next("w0", "c")
+    store.predictions.complete(job_id, "c", outputs=[], execution_ms=1, inference_ms=1)
     return job_id
 
 
@@ -78,9 +78,9 @@ def test_a_receiver_that_is_down_first_still_gets_the_result(store):
         job_id = finished_job(store, f"{site.url}/hook")
         hooks = dispatcher(store)
         for expected in (False, False, True):
-            (delivery,) = store.claim_due_webhooks(limit=5, lease_s=0, now=time.time() + 10_000)
+            (delivery,) = store.webhooks.claim_due(limit=5, lease_s=0, now=time.time() + 10_000)
             assert hooks.deliver(delivery) is expected
-        assert store.webhook_counts() == {"pending": 0, "delivered": 1, "dead": 0, "failed_attempts": 2}
+        assert store.webhooks.counts() == {"pending": 0, "delivered": 1, "dead": 0, "failed_attempts": 2}
         assert len(site.received) == 3
         for request in site.received:
             headers = {k.lower(): v for k, v in request.headers.items()}
@@ -92,25 +92,25 @@ def test_a_hanging_receiver_is_cut_off_and_retried_later(store):
         site.post_delay_s = 3.0
         finished_job(store, f"{site.url}/slow")
         hooks = dispatcher(store, timeout_s=0.5)
-        (delivery,) = store.claim_due_webhooks(limit=5, lease_s=60)
+        (delivery,) = store.webhooks.claim_due(limit=5, lease_s=60)
         started = time.monotonic()
         assert hooks.deliver(delivery) is False
         assert time.monotonic() - started < 2.5
-        assert store.webhook_counts()["pending"] == 1
+        assert store.webhooks.counts()["pending"] == 1
 
 
 def test_deliveries_give_up_after_the_retry_window(store):
     finished_job(store, "http://127.0.0.1:9/closed")
     hooks = dispatcher(store, retry_window_s=0.0)
-    (delivery,) = store.claim_due_webhooks(limit=5, lease_s=60)
+    (delivery,) = store.webhooks.claim_due(limit=5, lease_s=60)
     assert hooks.deliver(delivery) is False
-    assert store.webhook_counts()["dead"] == 1
+    assert store.webhooks.counts()["dead"] == 1
 
 
 def test_webhooks_to_private_addresses_are_refused_by_default(store):
     finished_job(store, "http://10.0.0.1/hook")
     hooks = dispatcher(store, policy=AddressPolicy())
-    (delivery,) = store.claim_due_webhooks(limit=5, lease_s=60)
+    (delivery,) = store.webhooks.claim_due(limit=5, lease_s=60)
     assert hooks.deliver(delivery) is False
     row = store._conn().execute("SELECT last_error FROM webhooks").fetchone()
     assert "private-network address" in row[0]

@@ -123,7 +123,7 @@ class ImageFetcher:
             "GET", path, query.get("expires", [""])[0], query.get("signature", [""])[0]
         ):
             return None
-        return self.uploads.store.get_upload(match.group(1))
+        return self.uploads.store.get(match.group(1))
 
     def _read_upload(self, upload: Upload, source: str) -> Image.Image:
         path = self.uploads.file(upload)

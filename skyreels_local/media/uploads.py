@@ -20,7 +20,8 @@ from .images import MAX_IMAGE_PIXELS, open_image
 from .signing import UPLOADS_PREFIX
 
 if TYPE_CHECKING:  # annotations only: media does not need the job table at import
-    from ..jobs import JobStore, Upload
+    from ..jobs import Upload
+    from ..jobs.uploads import UploadsTable
 
 # The path of one of our upload URLs: /files/uploads/<32 hex id>/<name>.
 UPLOAD_PATH = re.compile(re.escape(UPLOADS_PREFIX) + r"([0-9a-f]{32})/([^/?#]+)$")
@@ -71,7 +72,7 @@ def sniff_image(path: Path) -> tuple[str, int, int]:
 class UploadStore:
     """Uploaded input images: rows in the job table, bytes under `<data>/uploads/<id>/<name>`."""
 
-    def __init__(self, root: Path, store: JobStore, *, max_bytes: int) -> None:
+    def __init__(self, root: Path, store: UploadsTable, *, max_bytes: int) -> None:
         self.root = root
         self.store = store
         self.max_bytes = max_bytes
@@ -82,7 +83,7 @@ class UploadStore:
     ) -> Upload:
         if size > self.max_bytes:
             raise PayloadTooLargeError(f"`size` {size} is larger than the {self.max_bytes} bytes allowed")
-        return self.store.create_upload(
+        return self.store.create(
             id=uuid.uuid4().hex,
             filename=safe_filename(filename),
             content_type=content_type or "application/octet-stream",
@@ -107,7 +108,7 @@ class UploadStore:
             tmp.unlink(missing_ok=True)
             raise InvalidInputError("file", upload.filename, f"must be an image: {exc.message}") from None
         os.replace(tmp, self.file(upload))
-        self.store.complete_upload(upload.id, size=size, content_type=mime)
+        self.store.complete(upload.id, size=size, content_type=mime)
         upload.size, upload.content_type, upload.complete = size, mime, True
         return upload
 

@@ -3,8 +3,8 @@
 Runs inside the HTTP process (a thread; it never imports torch). One worker per visible GPU,
 each pinned with CUDA_VISIBLE_DEVICES; one on a CPU-only machine; `--device` pins a single
 worker. A worker that exits unexpectedly has its job re-queued (or failed once it has used up
-its attempts, see jobs.py) and is restarted with a growing delay, so a model that cannot load
-does not spin. A worker whose heartbeat stops (a hung process) is killed and treated the same.
+its attempts, see jobs/predictions.py) and is restarted with a growing delay, so a model that
+cannot load does not spin. A worker whose heartbeat stops (a hung process) is killed and treated the same.
 
 A job still running after `job_timeout_s` (a step that never returns, a stuck GPU: the worker's
 heartbeat thread goes on beating, so only the job's age shows it) is failed with code 5004 and
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..errors import TaskCode
-from ..jobs import JobStore
+from ..jobs import Database
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,9 @@ class _Managed:
 
 
 class WorkerSupervisor:
-    def __init__(self, settings: Settings, store: JobStore, *, log_level: str = "INFO") -> None:
+    def __init__(self, settings: Settings, db: Database, *, log_level: str = "INFO") -> None:
         self.settings = settings
-        self.store = store
+        self.db = db
         self.log_level = log_level
         self.workers = [_Managed(spec) for spec in plan_workers(settings)]
         self.restarts = 0
@@ -110,11 +110,11 @@ class WorkerSupervisor:
 
     def start(self) -> None:
         # Jobs left running by our worker ids, or by any worker process that no longer exists,
-        # belong to a previous life of the server: queue them again (or fail them, see jobs.py).
+        # belong to a previous life of the server: queue them again (or fail them, see jobs/predictions.py).
         dead = {w.spec.id for w in self.workers}
-        dead |= {r.id for r in self.store.workers() if r.pid is None or not pid_alive(r.pid)}
+        dead |= {r.id for r in self.db.workers.all() if r.pid is None or not pid_alive(r.pid)}
         if dead:
-            self.store.recover_jobs(worker_ids=sorted(dead), max_attempts=self.settings.max_attempts)
+            self.db.predictions.recover(worker_ids=sorted(dead), max_attempts=self.settings.max_attempts)
         self._thread = threading.Thread(target=self._run, name="worker-supervisor", daemon=True)
         self._thread.start()
 
@@ -139,13 +139,13 @@ class WorkerSupervisor:
 
     def _enforce_job_timeout(self) -> None:
         timeout = self.settings.job_timeout_s
-        for job in self.store.overdue_jobs(started_before=time.time() - timeout):
+        for job in self.db.predictions.overdue_jobs(started_before=time.time() - timeout):
             error = (
                 f"generation did not finish within the job timeout of {timeout:g} s "
                 "(--job-timeout-s / SKYREELS_JOB_TIMEOUT_S); its worker was restarted"
             )
             # Fail first, guarded by the claim: a job that finished a moment ago stays finished.
-            if not self.store.fail(job.id, job.claim or "", code=TaskCode.TIMEOUT, error=error):
+            if not self.db.predictions.fail(job.id, job.claim or "", code=TaskCode.TIMEOUT, error=error):
                 continue
             worker = next((w for w in self.workers if w.spec.id == job.worker_id), None)
             log.error(
@@ -208,7 +208,7 @@ class WorkerSupervisor:
 
     def _load_error(self, worker: _Managed) -> str:
         """The reason a dead worker gave for not loading the model (worker/main.py marks it `failed`)."""
-        for record in self.store.workers():
+        for record in self.db.workers.all():
             if record.id == worker.spec.id and record.state == "failed":
                 return record.error or "unknown error"
         return ""
@@ -223,17 +223,17 @@ class WorkerSupervisor:
     def _heartbeat_stale(self, worker: _Managed) -> bool:
         if time.monotonic() - worker.started_at < HEARTBEAT_STALE_S:
             return False
-        for record in self.store.workers():
+        for record in self.db.workers.all():
             if record.id == worker.spec.id:
                 return time.time() - record.heartbeat_at > HEARTBEAT_STALE_S
         return False
 
     def _mark_dead(self, worker: _Managed, reason: str) -> None:
-        records = {record.id: record for record in self.store.workers()}
+        records = {record.id: record for record in self.db.workers.all()}
         record = records.get(worker.spec.id)
         if record is not None and record.state != "failed":
-            self.store.update_worker(worker.spec.id, state="crashed", error=reason, job_id=None)
-        self.store.recover_jobs(worker_ids=[worker.spec.id], max_attempts=self.settings.max_attempts)
+            self.db.workers.update(worker.spec.id, state="crashed", error=reason, job_id=None)
+        self.db.predictions.recover(worker_ids=[worker.spec.id], max_attempts=self.settings.max_attempts)
 
     def stop(self) -> None:
         """Stop every worker (each hands its running job back) and wait for them."""
@@ -256,4 +256,4 @@ class WorkerSupervisor:
                 worker.process.wait()
         ids = [w.spec.id for w in self.workers]
         if ids:
-            self.store.recover_jobs(worker_ids=ids, max_attempts=self.settings.max_attempts)
+            self.db.predictions.recover(worker_ids=ids, max_attempts=self.settings.max_attempts)

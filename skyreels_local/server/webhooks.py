@@ -1,6 +1,6 @@
 """Webhook delivery: signed exactly as the hosted API signs, retried from a persistent outbox.
 
-A terminal job writes its delivery row in the same transaction as its state (jobs.py), so a
+A terminal job writes its delivery row in the same transaction as its state (jobs/predictions.py), so a
 result is never left without its webhook, even across a crash. This dispatcher runs in the HTTP
 process (never in a worker, so a slow receiver cannot hold up the GPU): it leases due rows,
 POSTs the bare prediction object with `input` [compat], and on failure retries with exponential
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from ..errors import SkyreelsError, shorten
-from ..jobs import JobStore, WebhookDelivery
+from ..jobs import Database, WebhookDelivery
 from ..media.net import AddressPolicy, guarded_client
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class WebhookDispatcher:
 
     def __init__(
         self,
-        store: JobStore,
+        db: Database,
         *,
         secret: str,
         render: Callable[[str], bytes | None],
@@ -85,7 +85,7 @@ class WebhookDispatcher:
         poll_s: float = 0.5,
         concurrency: int = 4,
     ) -> None:
-        self.store = store
+        self.db = db
         self.secret = secret
         self.render = render  # prediction id -> JSON body (None: the prediction is gone)
         self.policy = policy
@@ -125,7 +125,7 @@ class WebhookDispatcher:
             try:
                 with self._in_flight_lock:
                     free = self.concurrency - self._in_flight
-                due = self.store.claim_due_webhooks(limit=free, lease_s=self.timeout_s + 30) if free else []
+                due = self.db.webhooks.claim_due(limit=free, lease_s=self.timeout_s + 30) if free else []
                 for delivery in due:
                     assert self._pool is not None
                     with self._in_flight_lock:
@@ -150,7 +150,7 @@ class WebhookDispatcher:
         """One attempt. Returns True when the receiver answered 2xx."""
         body = self.render(delivery.prediction_id)
         if body is None:
-            self.store.webhook_failed(delivery.id, error="prediction no longer exists", retry_at=None)
+            self.db.webhooks.failed(delivery.id, error="prediction no longer exists", retry_at=None)
             return False
         timestamp = int(time.time())
         headers = {
@@ -165,7 +165,7 @@ class WebhookDispatcher:
             with guarded_client(self.policy, timeout=self.timeout_s, follow_redirects=False) as client:
                 response = client.post(delivery.url, content=body, headers=headers)
             if 200 <= response.status_code < 300:
-                self.store.webhook_delivered(delivery.id)
+                self.db.webhooks.delivered(delivery.id)
                 log.info(
                     "prediction %s: webhook delivered to %s", delivery.prediction_id, shorten(delivery.url)
                 )
@@ -186,11 +186,11 @@ class WebhookDispatcher:
                 "prediction %s: webhook to %s failed %d times (%s); giving up",
                 delivery.prediction_id, shorten(delivery.url), attempts, error,
             )  # fmt: skip
-            self.store.webhook_failed(delivery.id, error=error, retry_at=None)
+            self.db.webhooks.failed(delivery.id, error=error, retry_at=None)
         else:
             log.warning(
                 "prediction %s: webhook to %s failed (%s); retry %d in %.3gs",
                 delivery.prediction_id, shorten(delivery.url), error, attempts, delay,
             )  # fmt: skip
-            self.store.webhook_failed(delivery.id, error=error, retry_at=retry_at)
+            self.db.webhooks.failed(delivery.id, error=error, retry_at=retry_at)
         return False

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import DiskFullError, GenerationCancelled, SkyreelsError, TaskCode, is_disk_full
-from ..jobs import Job, JobStatus, JobStore
+from ..jobs import Database, Job, JobStatus
 from ..media.fetch import ImageFetcher
 from ..media.net import AddressPolicy
 from ..media.signing import UrlSigner
@@ -91,16 +91,16 @@ class GpuWorker:
     """Runs jobs on one device until stopped."""
 
     def __init__(
-        self, settings: Settings, *, worker_id: str, device: str | None, store: JobStore | None = None
+        self, settings: Settings, *, worker_id: str, device: str | None, db: Database | None = None
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.device = device
         self.paths = DataPaths(settings.data_dir)
-        self.store = store or JobStore(self.paths.database)
-        signer = UrlSigner(self.store.secret("url_signing_key", secrets.token_hex(32)))
+        self.db = db or Database(self.paths.database)
+        signer = UrlSigner(self.db.secrets.get_or_create("url_signing_key", secrets.token_hex(32)))
         self.fetcher = ImageFetcher(
-            uploads=UploadStore(self.paths.uploads, self.store, max_bytes=settings.max_upload_bytes),
+            uploads=UploadStore(self.paths.uploads, self.db.uploads, max_bytes=settings.max_upload_bytes),
             signer=signer,
             policy=AddressPolicy(settings.url_allow_list),
             max_bytes=settings.max_download_bytes,
@@ -116,18 +116,18 @@ class GpuWorker:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.store.register_worker(self.worker_id, pid=os.getpid(), device=self.device or "auto")
+        self.db.workers.register(self.worker_id, pid=os.getpid(), device=self.device or "auto")
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         try:
             engine = build_engine(self.settings, self.device)
         except Exception as exc:
             message = exc.message if isinstance(exc, SkyreelsError) else f"{exc.__class__.__name__}: {exc}"
             log.exception("worker %s: cannot load model %s", self.worker_id, self.settings.model)
-            self.store.update_worker(self.worker_id, state="failed", error=message)
+            self.db.workers.update(self.worker_id, state="failed", error=message)
             return 3
         profile = self.profile = str(getattr(engine, "profile", ""))
         preset = getattr(engine, "preset", None)
-        self.store.update_worker(self.worker_id, state="ready", model=engine.spec.name, profile=profile)
+        self.db.workers.update(self.worker_id, state="ready", model=engine.spec.name, profile=profile)
         log.info(
             "worker %s ready: model %s, profile %s, preset %s",
             self.worker_id,
@@ -138,7 +138,9 @@ class GpuWorker:
         retry_s = IDLE_POLL_S
         while not self._stopping.is_set():
             try:
-                job = self.store.claim_next(self.worker_id, uuid.uuid4().hex, profile=profile, preset=preset)
+                job = self.db.predictions.claim_next(
+                    self.worker_id, uuid.uuid4().hex, profile=profile, preset=preset
+                )
             except (DiskFullError, sqlite3.Error) as exc:
                 # e.g. a full disk: keep the loaded model and try again, rather than crash and reload.
                 log.error(
@@ -152,7 +154,7 @@ class GpuWorker:
                 self._stopping.wait(IDLE_POLL_S)
                 continue
             self.run_job(engine, job)
-        self.store.update_worker(self.worker_id, state="stopped", job_id=None)
+        self.db.workers.update(self.worker_id, state="stopped", job_id=None)
         log.info("worker %s stopped", self.worker_id)
         return 0
 
@@ -163,7 +165,7 @@ class GpuWorker:
                 log.error("worker %s: server process died; exiting", self.worker_id)
                 os._exit(70)
             try:
-                self.store.heartbeat(self.worker_id)
+                self.db.workers.heartbeat(self.worker_id)
             except Exception as exc:  # e.g. a full disk; the supervisor acts if it lasts
                 log.warning("worker %s: heartbeat failed: %s", self.worker_id, exc)
             time.sleep(HEARTBEAT_S)
@@ -190,12 +192,12 @@ class GpuWorker:
             if now - last_write[0] >= PROGRESS_EVERY_S or progress.step == progress.total:
                 last_write[0] = now
                 try:
-                    self.store.set_progress(job.id, claim, DENOISE_SHARE * progress.fraction)
+                    self.db.predictions.set_progress(job.id, claim, DENOISE_SHARE * progress.fraction)
                 except sqlite3.Error as exc:  # progress is a courtesy: never fail a job over it
                     log.warning("prediction %s: cannot write progress: %s", job.id, exc)
 
         def should_cancel() -> bool:
-            return self._stopping.is_set() or self.store.should_stop(job.id, claim)
+            return self._stopping.is_set() or self.db.predictions.should_stop(job.id, claim)
 
         out_of_memory = False
         try:
@@ -206,10 +208,10 @@ class GpuWorker:
         except GenerationCancelled:
             if self._stopping.is_set():
                 log.info("prediction %s: worker stopping, job goes back to the queue", job.id)
-                self._record(job.id, lambda: self.store.requeue(job.id, claim))
+                self._record(job.id, lambda: self.db.predictions.requeue(job.id, claim))
             else:
                 log.info("prediction %s: cancelled", job.id)
-                self._record(job.id, lambda: self.store.mark_cancelled(job.id, claim))
+                self._record(job.id, lambda: self.db.predictions.mark_cancelled(job.id, claim))
             return
         except SkyreelsError as exc:
             log.warning("prediction %s: failed (%d): %s", job.id, exc.task_code, exc.message)
@@ -223,7 +225,7 @@ class GpuWorker:
             inference_ms = int(result.timings.get("total_s", elapsed_ms / 1000) * 1000)
             self._record(
                 job.id,
-                lambda: self.store.complete(
+                lambda: self.db.predictions.complete(
                     job.id,
                     claim,
                     outputs=[name],
@@ -233,7 +235,7 @@ class GpuWorker:
                     denoise_s=float(result.timings.get("denoise_s", 0.0)),
                 ),
             )
-            final = self.store.get(job.id)
+            final = self.db.predictions.get(job.id)
             if final is None:  # deleted while it ran: its output goes too
                 (self.paths.outputs / name).unlink(missing_ok=True)
                 log.info("prediction %s: deleted while running; output removed", job.id)
@@ -246,7 +248,7 @@ class GpuWorker:
                 return
             log.info("prediction %s: completed in %.1fs (seed %d)", job.id, elapsed_ms / 1000, result.seed)
             return
-        self._record(job.id, lambda: self.store.fail(job.id, claim, code=code, error=message))
+        self._record(job.id, lambda: self.db.predictions.fail(job.id, claim, code=code, error=message))
         if out_of_memory:
             # Outside the except block: the exception's frames (and the tensors they hold) are
             # gone now, so the cache can really be returned. A CUDA OOM corrupts nothing; the

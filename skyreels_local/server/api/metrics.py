@@ -19,15 +19,15 @@ class ServerCollector(Collector):
         self.services = services
 
     def collect(self) -> Iterator[Metric]:
-        store = self.services.store
+        db = self.services.db
         jobs = GaugeMetricFamily(
             "skyreels_jobs", "Predictions in the job table, by status", labels=["status"]
         )
-        for status, count in store.count_by_status().items():
+        for status, count in db.predictions.count_by_status().items():
             jobs.add_metric([status], count)
         yield jobs
         yield GaugeMetricFamily(
-            "skyreels_queue_depth", "Predictions waiting for a worker", value=store.queue_depth()
+            "skyreels_queue_depth", "Predictions waiting for a worker", value=db.predictions.queue_depth()
         )
         readiness = self.services.readiness()
         up = sum(1 for w in readiness["workers"] if w["state"] in ("ready", "busy"))
@@ -39,17 +39,17 @@ class ServerCollector(Collector):
             "Worker processes restarted after dying",
             value=self.services.supervisor.restarts,
         )
-        count, seconds = store.generation_totals()
+        count, seconds = db.predictions.generation_totals()
         yield SummaryMetricFamily(
             "skyreels_generation_seconds", "Time from start to result of completed predictions",
             count_value=count, sum_value=seconds,
         )  # fmt: skip
-        counters = store.counters()
+        counters = db.counters.all()
         yield SummaryMetricFamily(
             "skyreels_step_seconds", "Denoising steps of completed predictions and the seconds they took",
             count_value=counters.get("denoise_steps", 0.0), sum_value=counters.get("denoise_seconds", 0.0),
         )  # fmt: skip
-        hooks = store.webhook_counts()
+        hooks = db.webhooks.counts()
         deliveries = CounterMetricFamily(
             "skyreels_webhooks", "Webhooks delivered, and given up after the retry window", labels=["outcome"]
         )

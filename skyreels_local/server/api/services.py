@@ -1,6 +1,6 @@
 """Everything the routes need, built once per app from one Settings object.
 
-`Services` owns the job store, URL signing, uploads, auth, the worker supervisor, the webhook
+`Services` owns the job database, URL signing, uploads, auth, the worker supervisor, the webhook
 dispatcher and the retention sweep, and knows how to turn a stored job into the wire
 prediction. Routes get it through a FastAPI dependency (deps.py), never through a global.
 """
@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from ... import MODEL_ID
 from ...config import Settings
 from ...errors import SkyreelsError, TaskCode
-from ...jobs import TERMINAL_STATUSES, Job, JobStatus, JobStore
+from ...jobs import TERMINAL_STATUSES, Database, Job, JobStatus
 from ...media.net import AddressPolicy
 from ...media.signing import Links, UrlSigner
 from ...media.uploads import UploadStore, upload_id_in
@@ -108,22 +108,22 @@ class Services:
         self.settings = settings
         self.paths = DataPaths(settings.data_dir).create()
         self._lock = lock_data_dir(self.paths)
-        self.store = JobStore(self.paths.database)
-        self.signer = UrlSigner(self.store.secret("url_signing_key", secrets.token_hex(32)))
+        self.db = Database(self.paths.database)
+        self.signer = UrlSigner(self.db.secrets.get_or_create("url_signing_key", secrets.token_hex(32)))
         self.links = Links(self.signer, retention_s=settings.retention_days * 86400)
-        self.uploads = UploadStore(self.paths.uploads, self.store, max_bytes=settings.max_upload_bytes)
+        self.uploads = UploadStore(self.paths.uploads, self.db.uploads, max_bytes=settings.max_upload_bytes)
         configured = settings.webhook_secret
         if configured:
             self.webhook_secret = (
                 configured if configured.startswith(SECRET_PREFIX) else SECRET_PREFIX + configured
             )
         else:
-            self.webhook_secret = self.store.secret("webhook_secret", new_secret())
+            self.webhook_secret = self.db.secrets.get_or_create("webhook_secret", new_secret())
         self.auth = ApiKeys(settings.api_keys, settings.api_keys_file)
         self.policy = AddressPolicy(settings.url_allow_list)
-        self.supervisor = WorkerSupervisor(settings, self.store, log_level=log_level)
+        self.supervisor = WorkerSupervisor(settings, self.db, log_level=log_level)
         self.dispatcher = WebhookDispatcher(
-            self.store,
+            self.db,
             secret=self.webhook_secret,
             render=self.webhook_body,
             policy=self.policy,
@@ -142,7 +142,7 @@ class Services:
         self.sweeper.stop()
         self.dispatcher.stop()
         self.supervisor.stop()
-        self.store.close()
+        self.db.close()
         self._lock.close()
 
     # --- URLs --------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ class Services:
             job,
             base_url=base_url,
             outputs=outputs,
-            queue_position=self.store.queue_position(job),
+            queue_position=self.db.predictions.queue_position(job),
             include_input=include_input,
         )
 
@@ -180,7 +180,7 @@ class Services:
 
     def webhook_body(self, prediction_id: str) -> bytes | None:
         """The webhook body: the bare prediction object with `input` [compat]."""
-        job = self.store.get_full(prediction_id)
+        job = self.db.predictions.get_full(prediction_id)
         if job is None:
             return None
         prediction = self.render(job, job.base_url, include_input=True)
@@ -195,7 +195,7 @@ class Services:
         self._refuse_when_no_worker_can_load()
         # A seed is drawn now, not by the worker, so `data.seed` is known from the first reply.
         params = parsed.params.with_drawn_seed()
-        job = self.store.create(
+        job = self.db.predictions.create(
             id=uuid.uuid4().hex,
             model=MODEL_ID,
             input=body,
@@ -217,7 +217,7 @@ class Services:
     def owned(self, prediction_id: str, account: str | None) -> Job | None:
         """The prediction when `account` owns it; None for unknown ids and other accounts' ones
         alike (a 404 either way: ids of other accounts are not even confirmed to exist)."""
-        job = self.store.get(prediction_id)
+        job = self.db.predictions.get(prediction_id)
         return job if job is not None and job.account == account else None
 
     def delete_predictions(self, ids: list[str], account: str | None) -> int:
@@ -226,13 +226,13 @@ class Services:
         for prediction_id in ids:
             job = self.owned(prediction_id, account)
             if job is not None and not job.terminal:
-                self.store.request_cancel(prediction_id)
-        deleted = self.store.delete_predictions(ids, account=account)
+                self.db.predictions.request_cancel(prediction_id)
+        deleted = self.db.predictions.delete(ids, account=account)
         for name in deleted.output_files:
             (self.paths.outputs / name).unlink(missing_ok=True)
         for image in deleted.inputs:
             upload_id = upload_id_in(image)
-            if upload_id and self.store.delete_upload(upload_id, account=account):
+            if upload_id and self.db.uploads.delete(upload_id, account=account):
                 self.uploads.delete(upload_id)
         if deleted.ids:
             log.info("deleted %d predictions: %s", len(deleted.ids), ", ".join(deleted.ids))
@@ -242,7 +242,7 @@ class Services:
         """Poll the job table until the job is terminal or `timeout_s` passes (sync mode)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            job = await run_in_threadpool(self.store.get, prediction_id)
+            job = await run_in_threadpool(self.db.predictions.get, prediction_id)
             if job is None:  # deleted (POST /api/v3/predictions/delete) while the client waited
                 raise NotFoundError(f"prediction {prediction_id!r} was deleted")
             remaining = deadline - time.monotonic()
@@ -271,11 +271,11 @@ class Services:
 
     def _workers_up(self, workers: list | None = None) -> list:
         now = time.time()
-        workers = self.store.workers() if workers is None else workers
+        workers = self.db.workers.all() if workers is None else workers
         return [w for w in workers if w.state in ("ready", "busy") and now - w.heartbeat_at < WORKER_FRESH_S]
 
     def readiness(self) -> dict[str, Any]:
-        workers = self.store.workers()
+        workers = self.db.workers.all()
         up = self._workers_up(workers)
         ready_worker = up[0] if up else None
         data = {
@@ -285,7 +285,7 @@ class Services:
             "model": ready_worker.model if ready_worker else self.settings.model,
             "profile": ready_worker.profile if ready_worker else "",
             "preset": self.settings.preset,
-            "queue_depth": self.store.queue_depth(),
+            "queue_depth": self.db.predictions.queue_depth(),
             "workers": [
                 {
                     "id": w.id,
@@ -309,7 +309,7 @@ class Services:
         removed = remove_orphan_partials(self.paths.outputs, self._is_running)
         if removed:
             log.info("removed %d unfinished video files left by interrupted workers", len(removed))
-        expired = self.store.expire(before=time.time() - self.settings.retention_days * 86400)
+        expired = self.db.predictions.expire(before=time.time() - self.settings.retention_days * 86400)
         for name in expired.output_files:
             (self.paths.outputs / name).unlink(missing_ok=True)
         for upload_id in expired.upload_ids:
@@ -322,7 +322,7 @@ class Services:
             )
 
     def _is_running(self, prediction_id: str) -> bool:
-        job = self.store.get(prediction_id)
+        job = self.db.predictions.get(prediction_id)
         return job is not None and job.status == JobStatus.PROCESSING
 
 

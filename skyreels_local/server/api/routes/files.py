@@ -45,7 +45,7 @@ def output_file(
 
 
 def _upload(services: ServicesDep, upload_id: str, filename: str) -> Upload:
-    upload = services.store.get_upload(upload_id) if _UPLOAD_ID.match(upload_id) else None
+    upload = services.db.uploads.get(upload_id) if _UPLOAD_ID.match(upload_id) else None
     if upload is None or upload.filename != filename:
         raise NotFoundError(f"upload {upload_id}/{filename} not found (it may have expired)")
     return upload

@@ -129,7 +129,7 @@ def cancel(
     prediction_id: str, services: ServicesDep, base_url: BaseUrlDep, account: AccountDep
 ) -> Envelope[Prediction]:
     _owned(services, prediction_id, account)
-    job = services.store.request_cancel(prediction_id)
+    job = services.db.predictions.request_cancel(prediction_id)
     if job is None:
         raise NotFoundError(f"prediction {prediction_id!r} not found")
     if job.webhook_url and job.terminal:
@@ -189,7 +189,7 @@ def _history(
     model = query.get("model") or None
     if model is not None and not isinstance(model, str):
         raise InvalidInputError("model", model, "must be a string")
-    jobs, total = services.store.history(
+    jobs, total = services.db.predictions.history(
         page=page,
         page_size=page_size,
         model=model,

@@ -34,6 +34,6 @@ def webhook_deliveries(
             next_attempt_at=rfc3339(row["next_attempt_at"]) if row["status"] == "pending" else None,
             delivered_at=rfc3339(row["delivered_at"]) if row["delivered_at"] else None,
         )
-        for row in services.store.webhook_deliveries(prediction_id)
+        for row in services.db.webhooks.deliveries(prediction_id)
     ]
     return Envelope(data=WebhookDeliveries(prediction_id=prediction_id, deliveries=deliveries))
