@@ -36,7 +36,8 @@ def serve(tmp_path, *args: str) -> subprocess.CompletedProcess:
     [
         (
             ["--model", "tiny-random", "--preset", "bogus"],
-            "argument --preset: invalid choice: 'bogus' (choose from 'stock', 'exact', 'fp8', 'turbo')",
+            "argument --preset: invalid choice: 'bogus' (choose from 'stock', 'exact', 'fp8', 'turbo') "
+            "(see skyreels-local serve --help)",
         ),
         (
             ["--model", "tiny-random", "--profile", "nosuch"],
@@ -59,7 +60,10 @@ def test_bad_names_refuse_to_start(tmp_path, args, message):
     started = time.monotonic()
     result = serve(tmp_path, *args)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines()[-1].endswith(message), result.stderr
+    # One line: the refusal, not a usage block or a traceback (the loopback no-key warning aside).
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(message), result.stderr
+    assert "usage:" not in result.stderr and "Traceback" not in result.stderr
     assert time.monotonic() - started < REFUSAL_S
     assert not (tmp_path / "data").exists()  # refused before the data directory was touched
 

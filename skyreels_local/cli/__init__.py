@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import SkyreelsError
@@ -13,8 +14,16 @@ from . import generate
 from .settings_flags import HelpFormatter, check_environment
 
 
+class Parser(argparse.ArgumentParser):
+    """A bad flag is one line naming it and the way to the help, not the whole usage block (which
+    for `serve` is thirty lines that bury the error). Subcommand parsers inherit this class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="skyreels-local",
         description="Self-hosted SkyReels V1 image-to-video: generate videos locally or serve the "
         "WaveSpeed v3 HTTP API.",
