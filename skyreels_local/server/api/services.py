@@ -30,6 +30,7 @@ from ...errors import SkyreelsError, TaskCode
 from ...jobs import TERMINAL_STATUSES, Job, JobStatus, JobStore
 from ...media import AddressPolicy, Links, UploadStore, UrlSigner, upload_id_in
 from ...paths import DataPaths
+from ...safety.policy import config_from_settings as safety_config
 from .. import strict_json
 from ..schemas import Prediction, SkyReelsInput, prediction_from_job
 from ..supervisor import WorkerSupervisor
@@ -284,6 +285,8 @@ class Services:
             "profile": ready_worker.profile if ready_worker else "",
             "preset": self.settings.preset,
             "queue_depth": self.store.queue_depth(),
+            # Whether finished videos go through the NSFW classifier (README "Safety checker").
+            "safety_checker": safety_config(self.settings).describe(),
             "workers": [
                 {
                     "id": w.id,
