@@ -168,15 +168,16 @@ def run(args: argparse.Namespace) -> int:
     if flagged:
         print("warning: the safety checker flagged this video as NSFW", file=sys.stderr)
     path = write_mp4(result.frames, args.out, fps=result.fps)
+    # As the API reports it, one boolean per output (false also when no checker ran: said so);
+    # before the summary, which stays the last line.
+    print(
+        f"has_nsfw_contents: [{str(flagged).lower()}]" + ("" if safety.checker else " (safety checker off)")
+    )
     print(
         f"done in {result.timings['total_s']:.1f}s: seed {result.seed}, "
         f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
         f"model {engine.spec.name}, profile {engine.profile}, preset {engine.preset} -> {path}"
         + (" (tiny-random: demo size and noise, see README)" if settings.model == TINY_MODEL_NAME else "")
-    )
-    # As the API reports it: one boolean per output (false also when no checker ran: said so).
-    print(
-        f"has_nsfw_contents: [{str(flagged).lower()}]" + ("" if safety.checker else " (safety checker off)")
     )
     return 0
 

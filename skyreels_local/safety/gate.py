@@ -69,7 +69,7 @@ class SafetyGate:
             self.tally.add(checked=1, flagged=int(flagged and not blocked), blocked=int(blocked))
         if blocked:
             raise OutputBlockedError(
-                f"the output was withheld: the server's safety checker rated the video NSFW (score "
+                f"the output was withheld: the safety checker rated the video NSFW (score "
                 f"{verdict.score:.2f} at frame {verdict.frame}, above the threshold {self.config.threshold:g}); "
                 "no video was kept"
             )
