@@ -60,10 +60,10 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily(
             "skyreels_webhooks_pending", "Webhooks waiting for (re)delivery", value=hooks["pending"]
         )
-        yield from safety_metrics(self.services.settings)
         yield CounterMetricFamily(
             "skyreels_webhook_failures", "Failed webhook delivery attempts", value=hooks["failed_attempts"]
         )
+        yield from safety_metrics(self.services.settings)
 
 
 def safety_metrics(settings: Settings) -> Iterator[Metric]:
