@@ -8,7 +8,7 @@ so every field needs a `description`. Tests build their own Settings and pass it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -52,6 +52,29 @@ class Settings(BaseSettings):
     )
     turbo_threshold: float = Field(
         default=0.15, ge=0, description="turbo's First Block Cache threshold: higher reuses more steps"
+    )
+
+    # --- safety checker (README "Safety checker") ---------------------------------------------
+    safety_checker: str = Field(
+        default="auto",
+        description="NSFW check of every finished video: auto (on when <weights>/safety_checker/ "
+        "exists; weights/ for tiny-random), off, or the folder of an image classifier",
+    )
+    nsfw_threshold: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="a video is flagged when a sampled frame's NSFW probability is above this",
+    )
+    nsfw_action: Literal["flag", "block"] = Field(
+        default="flag",
+        description="flag: keep the video, has_nsfw_contents [true]; block: keep no video, the "
+        "prediction fails with an error saying why",
+        json_schema_extra={"choices": ("flag", "block")},
+    )
+    allow_disable_safety_checker: bool = Field(
+        default=False,
+        description="honour a request's enable_safety_checker: false (otherwise it is ignored)",
     )
 
     # --- server ------------------------------------------------------------------------------

@@ -102,6 +102,11 @@ class GenerationParams(BaseModel):
     width: int | None = Field(None, ge=16, le=SIZE_MAX, multiple_of=16)
     height: int | None = Field(None, ge=16, le=SIZE_MAX, multiple_of=16)
     num_frames: int | None = Field(None, ge=1, le=FRAMES_MAX)
+    # Sent by the hosted ecosystem's clients. The server's safety checker (when it has one) skips
+    # the video on `false` only when its operator allows that (--allow-disable-safety-checker).
+    enable_safety_checker: bool = Field(
+        True, description="false skips the NSFW check, when the server allows it (else ignored)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -197,6 +202,9 @@ def check_fields(values: dict[str, Any]) -> None:
     image = values.get("image")
     if image is not None and (not isinstance(image, str) or not image.strip()):
         raise InvalidInputError("image", image, "must be a URL, a data: URI or a file path")
+    safety = values.get("enable_safety_checker")
+    if safety is not None and not isinstance(safety, bool):
+        raise InvalidInputError("enable_safety_checker", safety, "must be true or false")
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:

@@ -24,6 +24,8 @@ from ..params import (
     GenerationParams,
 )
 from ..paths import DataPaths
+from ..safety.gate import SafetyGate
+from ..safety.policy import check_folder, config_from_settings
 from .settings_flags import HelpFormatter, add_settings_flags, settings_from_args
 
 if TYPE_CHECKING:
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
 
 # The Settings fields `generate` reads, each a flag with its SKYREELS_* twin (settings_flags.py);
 # data_dir holds the torch.compile cache that the fast presets reuse; the last three govern an
-# --image URL, which is fetched exactly as the server fetches an `image` URL.
+# --image URL, which is fetched exactly as the server fetches an `image` URL; the safety checker's
+# three settings work as in `serve` (block: no file is written and the command fails, saying why).
 GENERATE_FIELDS = (
     "model",
     "device",
@@ -43,6 +46,9 @@ GENERATE_FIELDS = (
     "max_download_bytes",
     "download_timeout_s",
     "url_allow_list",
+    "safety_checker",
+    "nsfw_threshold",
+    "nsfw_action",
 )
 
 TINY_DEMO_NOTE = (
@@ -137,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     # (the same contract and errors as the API's), then the image.
     params = params_from_args(args)
     image = read_image(args.image, settings)
+    safety_config = config_from_settings(settings)
+    if safety_config.folder is not None:
+        check_folder(safety_config.folder)  # a damaged classifier folder fails now, not after the video
 
     # torch and diffusers load only now, so that bad input fails in well under a second.
     from ..engine.engine import Progress
@@ -160,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         preset=settings.preset,
         preset_options=options,
     )
+    safety = SafetyGate.load(safety_config, device=engine.device)
     bar = None if args.no_progress or not sys.stderr.isatty() and os.environ.get("CI") else _progress_bar()
 
     def on_progress(progress: Progress) -> None:
@@ -173,7 +183,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    # Raises OutputBlockedError under --nsfw-action block: then no file is written.
+    flagged = safety.review(result.frames, params, label="generate")
+    if flagged:
+        print("warning: the safety checker flagged this video as NSFW", file=sys.stderr)
     path = write_mp4(result.frames, args.out, fps=result.fps)
+    # As the API reports it, one boolean per output (false also when no checker ran: said so);
+    # before the summary, which stays the last line.
+    print(
+        f"has_nsfw_contents: [{str(flagged).lower()}]" + ("" if safety.checker else " (safety checker off)")
+    )
     print(
         f"done in {result.timings['total_s']:.1f}s: seed {result.seed}, "
         f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "

@@ -119,6 +119,21 @@ def check_startup(settings: Settings) -> None:
             check_weights_dir(settings.model)  # layout, sizes and headers; no hashing
         except WeightsError as exc:
             raise ServeConfigError(f"--model / SKYREELS_MODEL: {exc.message}") from None
+    check_safety_checker(settings)
+
+
+def check_safety_checker(settings: Settings) -> None:
+    """A missing or damaged classifier folder stops `serve` here, not each job (no torch: the
+    files, config.json's NSFW class and the safetensors headers; safety/policy.py)."""
+    from ..safety.policy import SafetyCheckerError, check_folder, resolve_folder
+
+    folder = resolve_folder(settings.safety_checker, settings.model)
+    if folder is None or settings.workers == 0:
+        return
+    try:
+        check_folder(folder)
+    except SafetyCheckerError as exc:
+        raise ServeConfigError(f"--safety-checker / SKYREELS_SAFETY_CHECKER: {exc.message}") from None
 
 
 def check_device(device: str) -> None:

@@ -31,7 +31,12 @@ def _weights_dir(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..weights.download import BASE_REVISION, TRANSFORMER_REVISION
+    from ..weights.download import (
+        BASE_REVISION,
+        SAFETY_CHECKER_REPO,
+        SAFETY_CHECKER_REVISION,
+        TRANSFORMER_REVISION,
+    )
 
     p = subparsers.add_parser(
         "weights",
@@ -62,6 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--skip-transformer",
         action="store_true",
         help="only the base components (when the transformer comes from `weights import`)",
+    )
+    d.add_argument(
+        "--safety-checker",
+        action="store_true",
+        help=f"only the optional NSFW safety checker ({SAFETY_CHECKER_REPO}, Apache-2.0) into "
+        "DIR/safety_checker/, added to the manifest (README: Safety checker)",
+    )
+    d.add_argument(
+        "--safety-checker-revision", default=SAFETY_CHECKER_REVISION, help=f"commit of {SAFETY_CHECKER_REPO}"
     )
     d.add_argument(
         "--endpoint", default=None, help="Hub endpoint or mirror (default: HF_ENDPOINT or huggingface.co)"
@@ -121,13 +135,16 @@ def _bytes_bar(total: int | None, desc: str):
 
 def run_download(args: argparse.Namespace) -> int:
     args.dir = _weights_dir(args)
-    from ..weights.download import default_sources, download_weights
+    from ..weights.download import default_sources, download_weights, safety_checker_source
 
-    sources = default_sources(
-        base_revision=args.base_revision,
-        transformer_revision=args.transformer_revision,
-        skip_transformer=args.skip_transformer,
-    )
+    if args.safety_checker:  # the classifier alone: the model's files stay as they are
+        sources = [safety_checker_source(args.safety_checker_revision)]
+    else:
+        sources = default_sources(
+            base_revision=args.base_revision,
+            transformer_revision=args.transformer_revision,
+            skip_transformer=args.skip_transformer,
+        )
     bar = _bytes_bar(None, "hashing")
     try:
 

@@ -32,6 +32,7 @@ from ..params import (
     STEPS_MIN,
     GenerationParams,
 )
+from ..safety.policy import is_flagged_output
 
 T = TypeVar("T")
 
@@ -104,7 +105,9 @@ class Prediction(BaseModel):
         description="output URLs (one MP4) once completed; bare base64 with enable_base64_output"
     )
     urls: PredictionUrls
-    has_nsfw_contents: list[bool] = Field(description="one per output; no safety checker runs here")
+    has_nsfw_contents: list[bool] = Field(
+        description='one per output: true when the server\'s safety checker flagged it (README "Safety checker")'
+    )
     status: str = Field(description="created | processing | completed | failed | cancelled")
     created_at: str = Field(description="RFC 3339, UTC, with Z")
     error: str = Field("", description="empty unless failed or cancelled")
@@ -140,7 +143,8 @@ def prediction_from_job(
         model=job.model,
         outputs=outputs,
         urls=PredictionUrls(get=base_url + result_path(job.id)),
-        has_nsfw_contents=[False] * len(outputs),
+        # The verdict is in the stored output's name (safety/policy.py), one per output.
+        has_nsfw_contents=[is_flagged_output(name) for name in job.outputs] if outputs else [],
         status=job.status.value,
         created_at=rfc3339(job.created_at),
         error=job.error or "",
@@ -190,6 +194,11 @@ class SkyReelsInput(BaseModel):
         None, max_length=MAX_PROMPT_CHARS, description="default: SkyReels' own negative prompt"
     )
     aspect_ratio: Literal["16:9", "9:16"] = DEFAULT_ASPECT_RATIO
+    enable_safety_checker: bool = Field(
+        True,
+        description="false skips this server's NSFW check when its operator allows that "
+        "(--allow-disable-safety-checker); otherwise ignored",
+    )
     enable_sync_mode: bool = Field(False, description="wait for the result in the submit reply")
     enable_base64_output: bool = Field(False, description="outputs as bare base64 instead of URLs")
     webhook_url: str | None = Field(None, description="POSTed the finished prediction (or use ?webhook=)")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WeightsError
+from ..safety.policy import SAFETY_CHECKER_SUBDIR
 from .layout import (
     BASE_REPO,
     TRANSFORMER_REPO,
@@ -54,6 +55,17 @@ BASE_ALLOW = (
 )
 BASE_IGNORE = ("transformer/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.onnx")
 TRANSFORMER_ALLOW = ("config.json", "*.safetensors", "*.safetensors.index.json")
+
+# The optional NSFW safety checker (README "Safety checker"; `--safety-checker`): a ViT image
+# classifier, classes `normal` / `nsfw`, Apache-2.0 (its model card's licence). Only what
+# transformers loads: the repository also holds pytorch_model.bin, ONNX and YOLO copies.
+SAFETY_CHECKER_REPO = "Falconsai/nsfw_image_detection"
+# MUST BE VERIFIED against the Hub before release (`hf api` / the repository's commit list): the
+# Hub cannot be reached from where this was written. It is the commit several public projects pin
+# for this repository's config.json + preprocessor_config.json + model.safetensors (one of them
+# records labels 0=normal 1=nsfw, Apache-2.0 and a 343,223,968-byte model.safetensors there).
+SAFETY_CHECKER_REVISION = "04367978d3474804ab1a00a9bd6548b741764069"
+SAFETY_CHECKER_ALLOW = ("config.json", "preprocessor_config.json", "model.safetensors")
 
 AIR_GAPPED_PROCEDURE = """\
 This machine cannot reach the Hugging Face Hub ({reason}).
@@ -104,6 +116,13 @@ def default_sources(
             )
         )
     return sources
+
+
+def safety_checker_source(revision: str = SAFETY_CHECKER_REVISION) -> Source:
+    """The classifier, into `<weights>/safety_checker/` (where `--safety-checker auto` looks)."""
+    return Source(
+        "safety_checker", SAFETY_CHECKER_REPO, revision, SAFETY_CHECKER_SUBDIR, SAFETY_CHECKER_ALLOW
+    )
 
 
 def download_weights(
@@ -176,6 +195,7 @@ def _manifest_after_download(path: Path, sources: list[Source], on_hash_bytes: P
 
 
 def _owns(source: Source, rel: str) -> bool:
-    """A subfolder source owns its folder; the root source owns everything outside transformer/."""
+    """A subfolder source owns its folder; the root source owns everything outside the
+    subfolders of the other sources (transformer/, safety_checker/)."""
     top = rel.split("/", 1)[0] if "/" in rel else ""
-    return top == source.subdir if source.subdir else top != TRANSFORMER_SUBDIR
+    return top == source.subdir if source.subdir else top not in (TRANSFORMER_SUBDIR, SAFETY_CHECKER_SUBDIR)

@@ -124,7 +124,17 @@ def find_layout_problems(weights_dir: Path) -> list[WeightsProblem]:
         problems += _tokenizer_folder_problems(weights_dir / name, name)
     if not problems:
         problems += _transformer_kind_problems(weights_dir / TRANSFORMER_SUBDIR)
-    return problems
+    return problems + _safety_checker_problems(weights_dir)
+
+
+def _safety_checker_problems(weights_dir: Path) -> list[WeightsProblem]:
+    """The optional NSFW classifier (`weights download --safety-checker`): checked when present."""
+    from ..safety.policy import SAFETY_CHECKER_SUBDIR, folder_problems
+
+    folder = weights_dir / SAFETY_CHECKER_SUBDIR
+    if not folder.is_dir():
+        return []
+    return [WeightsProblem(f"{SAFETY_CHECKER_SUBDIR}/", problem) for problem in folder_problems(folder)]
 
 
 def _transformer_kind_problems(folder: Path) -> list[WeightsProblem]:

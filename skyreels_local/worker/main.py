@@ -47,6 +47,9 @@ from ..media.signing import UrlSigner
 from ..media.uploads import UploadStore
 from ..params import GenerationParams
 from ..paths import DataPaths
+from ..safety.gate import SafetyGate
+from ..safety.policy import config_from_settings, output_name
+from ..safety.tally import Tally, tally_dir
 
 # Named explicitly: run as `python -m`, __name__ would be "__main__".
 log = logging.getLogger("skyreels_local.worker")
@@ -109,6 +112,7 @@ class GpuWorker:
         self._stopping = threading.Event()
         self._parent_pid = os.getppid()
         self.profile = ""  # the engine's memory profile, once loaded
+        self.safety = SafetyGate.off()  # the NSFW check of each video (loaded with the engine)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -120,6 +124,7 @@ class GpuWorker:
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         try:
             engine = build_engine(self.settings, self.device)
+            self.safety = self.load_safety_gate(engine)
         except Exception as exc:
             message = exc.message if isinstance(exc, SkyreelsError) else f"{exc.__class__.__name__}: {exc}"
             log.exception("worker %s: cannot load model %s", self.worker_id, self.settings.model)
@@ -204,7 +209,9 @@ class GpuWorker:
             params = stored_params(job)
             request = GenerationRequest(self.fetcher.fetch(params.image), params=params)
             result = engine.generate(request, on_progress=on_progress, should_cancel=should_cancel)
-            name = self.write_output(result, job.id)
+            # Raises OutputBlockedError (a failed job, code 1405) under --nsfw-action block.
+            flagged = self.safety.review(result.frames, params, label=f"prediction {job.id}")
+            name = self.write_output(result, job.id, flagged=flagged)
         except GenerationCancelled:
             if self._stopping.is_set():
                 log.info("prediction %s: worker stopping, job goes back to the queue", job.id)
@@ -255,11 +262,20 @@ class GpuWorker:
             # worker goes on with the next job without reloading the model.
             release_gpu_memory()
 
-    def write_output(self, result: Any, job_id: str) -> str:
-        """The job's MP4 under outputs/; returns its file name. A full disk is a DiskFullError."""
+    def load_safety_gate(self, engine: Any) -> SafetyGate:
+        """The safety checker on the engine's device; off, nothing is imported (safety/gate.py)."""
+        return SafetyGate.load(
+            config_from_settings(self.settings),
+            device=getattr(engine, "device", None) or self.device,
+            tally=Tally(tally_dir(self.settings.data_dir), self.worker_id),
+        )
+
+    def write_output(self, result: Any, job_id: str, *, flagged: bool = False) -> str:
+        """The job's MP4 under outputs/; returns its file name (`.nsfw.mp4` when the safety
+        checker flagged it: that is how the verdict is stored). A full disk is a DiskFullError."""
         from ..video import write_mp4
 
-        name = f"{job_id}.mp4"
+        name = output_name(job_id, flagged=flagged)
         try:
             write_mp4(result.frames, self.paths.outputs / name, fps=result.fps)
             return name

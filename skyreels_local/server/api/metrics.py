@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from ...config import Settings
     from .services import Services
 
 
@@ -62,6 +63,31 @@ class ServerCollector(Collector):
         yield CounterMetricFamily(
             "skyreels_webhook_failures", "Failed webhook delivery attempts", value=hooks["failed_attempts"]
         )
+        yield from safety_metrics(self.services.settings)
+
+
+def safety_metrics(settings: Settings) -> Iterator[Metric]:
+    """The NSFW safety checker: on or off, videos checked, and outputs flagged or blocked."""
+    from ...safety.policy import config_from_settings
+    from ...safety.tally import totals
+
+    yield GaugeMetricFamily(
+        "skyreels_safety_checker_enabled",
+        "1 when finished videos go through the NSFW safety checker",
+        value=int(config_from_settings(settings).enabled),
+    )
+    counts = totals(settings.data_dir)
+    yield CounterMetricFamily(
+        "skyreels_safety_checks", "Videos the safety checker looked at", value=counts["checked"]
+    )
+    outputs = CounterMetricFamily(
+        "skyreels_nsfw_outputs",
+        "Videos the safety checker rated NSFW: flagged (kept, has_nsfw_contents true) or blocked (not kept)",
+        labels=["action"],
+    )
+    for action in ("flagged", "blocked"):
+        outputs.add_metric([action], counts[action])
+    yield outputs
 
 
 def build_registry(services: Services) -> CollectorRegistry:

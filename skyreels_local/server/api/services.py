@@ -32,6 +32,7 @@ from ...media.net import AddressPolicy
 from ...media.signing import Links, UrlSigner
 from ...media.uploads import UploadStore, upload_id_in
 from ...paths import DataPaths
+from ...safety.policy import config_from_settings as safety_config
 from .. import strict_json
 from ..schemas import Prediction, SkyReelsInput, prediction_from_job
 from ..supervisor import WorkerSupervisor
@@ -286,6 +287,8 @@ class Services:
             "profile": ready_worker.profile if ready_worker else "",
             "preset": self.settings.preset,
             "queue_depth": self.db.predictions.queue_depth(),
+            # Whether finished videos go through the NSFW classifier (README "Safety checker").
+            "safety_checker": safety_config(self.settings).describe(),
             "workers": [
                 {
                     "id": w.id,

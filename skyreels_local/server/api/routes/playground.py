@@ -44,7 +44,10 @@ ASSETS = {  # the only files served: no path from the URL ever reaches the file 
 # --- schema -> form ---------------------------------------------------------------------------
 
 # The page polls like the SDKs do, and shows URLs: these request options make no sense there.
-HIDDEN_FIELDS = frozenset({"enable_sync_mode", "enable_base64_output", "webhook_url"})
+# enable_safety_checker is the operator's business (ignored unless allowed): no checkbox for it.
+HIDDEN_FIELDS = frozenset(
+    {"enable_sync_mode", "enable_base64_output", "webhook_url", "enable_safety_checker"}
+)
 FIELD_ORDER = ("prompt", "negative_prompt", "image", "seed", "guidance_scale", "num_inference_steps")
 LABELS = {"num_inference_steps": "Steps"}  # the hosted playground's word; others come from titles
 WIDGETS = {"image": "image", "seed": "seed"}  # fields whose type alone does not say enough
