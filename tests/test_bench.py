@@ -115,7 +115,7 @@ def test_bench_entry_point_needs_neither_the_server_nor_its_settings(tmp_path):
     """The GPU machine has torch and diffusers but no fastapi/pydantic: the module must not import them."""
     code = (
         "import sys\n"
-        "from skyreels_local.engine import bench\n"
+        "from skyreels_local.bench import run as bench\n"
         "assert 'torch' not in sys.modules, 'registering the CLI must not load torch'\n"
         f"bench.main(['--model', 'tiny-random', '--device', 'cpu', '--variants', 'stock', '--out', r'{tmp_path / 'x.json'}'])\n"
         "bad = [m for m in ('skyreels_local.config', 'pydantic_settings', 'fastapi', 'uvicorn') if m in sys.modules]\n"

@@ -90,7 +90,7 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 def test_wheel_holds_the_profiles(installed):
     bin_dir, env = installed
-    code = "from skyreels_local.engine.profile_names import builtin_profile_names as n; print(','.join(n()))"
+    code = "from skyreels_local.profile_names import builtin_profile_names as n; print(','.join(n()))"
     names = run([str(bin_dir / "python"), "-c", code], env=env).stdout.strip()
     assert names == "24gb,48gb,80gb,cpu,sequential"
 
