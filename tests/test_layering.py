@@ -23,9 +23,14 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "config": ("server", "worker", "engine", "bench", "cli", "jobs", "media"),
     "weights": ("server", "worker", "jobs", "cli"),
     "worker": ("server", "cli"),
+    # The NSFW checker runs in the worker (and `generate`), which record its verdicts and counts
+    # in the job table: it knows neither of them, nor the HTTP process, nor the video model.
+    "safety": ("server", "worker", "cli", "jobs", "engine", "bench"),
 }
 # Third-party packages the HTTP process must not import at module level either.
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")
+# Outside server/, what the HTTP process imports at module level too: held to the same rule.
+HTTP_SIDE = ("safety/__init__.py", "safety/policy.py")
 
 
 def skyreels_imports(path: Path) -> list[tuple[str, int]]:
@@ -71,7 +76,7 @@ def test_no_folder_imports_one_above_it(area: str) -> None:
 
 def test_the_server_imports_no_heavy_package_at_module_level() -> None:
     bad = []
-    for path in modules_in("server"):
+    for path in [*modules_in("server"), *(PACKAGE_DIR / name for name in HTTP_SIDE)]:
         for node in ast.parse(path.read_text()).body:  # module level only
             names = []
             if isinstance(node, ast.Import):
@@ -79,6 +84,19 @@ def test_the_server_imports_no_heavy_package_at_module_level() -> None:
             elif isinstance(node, ast.ImportFrom) and not node.level:
                 names = [node.module or ""]
             bad += [f"{path.relative_to(PACKAGE_DIR)}: {n}" for n in names if n.split(".")[0] in HEAVY]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_server_reads_only_the_torch_free_safety_policy() -> None:
+    """safety/checker.py imports torch; the HTTP process needs only the settings and folder checks."""
+    bad = [
+        f"{path.relative_to(PACKAGE_DIR)}:{line} imports {name}"
+        for path in modules_in("server")
+        for name, line in skyreels_imports(path)
+        if area_of(name) == "safety"
+        and name != "skyreels_local.safety"  # `from ..safety import policy` lists the package too
+        and not (name + ".").startswith("skyreels_local.safety.policy.")
+    ]
     assert not bad, "\n".join(bad)
 
 

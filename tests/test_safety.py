@@ -17,6 +17,7 @@ from weights_helpers import fake_snapshot_download
 
 from skyreels_local.cli import main as cli_main
 from skyreels_local.errors import InvalidInputError, TaskCode
+from skyreels_local.jobs import Database, JobStatus
 from skyreels_local.params import GenerationParams
 from skyreels_local.safety.gate import SafetyGate
 from skyreels_local.safety.policy import (
@@ -24,13 +25,10 @@ from skyreels_local.safety.policy import (
     SafetyCheckerError,
     SafetyConfig,
     check_folder,
-    is_flagged_output,
-    output_name,
     resolve_folder,
     sample_frame_indices,
 )
-from skyreels_local.safety.tally import Tally, totals
-from skyreels_local.server.schemas import parse_skyreels_input
+from skyreels_local.server.schemas import parse_skyreels_input, prediction_from_job
 from skyreels_local.weights.download import (
     SAFETY_CHECKER_REPO,
     SAFETY_CHECKER_REVISION,
@@ -85,36 +83,28 @@ def test_the_threshold_is_obeyed(folders):
     assert gate(folders["0.7"], threshold=0.8).review(FRAMES, params(), label="t") is False
 
 
-def test_block_raises_with_the_reason_and_counts(folders, tmp_path):
-    tally = Tally(tmp_path / "safety", "w0")
-    blocking = SafetyGate.load(
-        SafetyConfig(folder=folders["nsfw"], action="block"), device="cpu", tally=tally
-    )
+def test_block_raises_with_the_reason(folders):
+    blocking = gate(folders["nsfw"], action="block")
     with pytest.raises(OutputBlockedError) as info:
         blocking.review(FRAMES, params(), label="t")
     assert info.value.task_code == TaskCode.TASK_FAILED
     assert "withheld" in info.value.message and "NSFW" in info.value.message
     assert "above the threshold 0.5" in info.value.message
-    flagging = SafetyGate.load(
-        SafetyConfig(folder=folders["nsfw"]), device="cpu", tally=Tally(tmp_path / "safety", "w1")
-    )
-    assert flagging.review(FRAMES, params(), label="t") is True
-    assert totals(tmp_path) == {"checked": 2, "flagged": 1, "blocked": 1}
-    # A restarted worker goes on from its own count.
-    assert Tally(tmp_path / "safety", "w0").counts == {"checked": 1, "flagged": 0, "blocked": 1}
+    # The normal model passes under block too.
+    assert gate(folders["normal"], action="block").review(FRAMES, params(), label="t") is False
 
 
 def test_request_opt_out_only_when_the_operator_allows_it(folders):
     opted_out = params(enable_safety_checker=False)
     assert gate(folders["nsfw"]).review(FRAMES, opted_out, label="t") is True  # ignored
-    assert gate(folders["nsfw"], allow_disable=True).review(FRAMES, opted_out, label="t") is False
+    assert gate(folders["nsfw"], allow_disable=True).review(FRAMES, opted_out, label="t") is None  # no check
     assert gate(folders["nsfw"], allow_disable=True).review(FRAMES, params(), label="t") is True
 
 
 def test_off_loads_nothing_and_never_checks():
     off = SafetyGate.load(SafetyConfig(folder=None), device="cpu")
     assert off.checker is None
-    assert off.review(FRAMES, params(), label="t") is False
+    assert off.review(FRAMES, params(), label="t") is None  # None: no check ran (not counted)
 
 
 def test_settings_resolve_the_folder(tmp_path, folders):
@@ -160,10 +150,53 @@ def test_request_field_is_validated_and_stored():
     assert GenerationParams.model_validate({"prompt": "p"}).enable_safety_checker is True
 
 
-def test_the_verdict_is_stored_in_the_output_name():
-    assert output_name("ab" * 16, flagged=True) == "ab" * 16 + ".nsfw.mp4"
-    assert is_flagged_output(output_name("ab" * 16, flagged=True))
-    assert not is_flagged_output(output_name("ab" * 16, flagged=False))
+# --- the job table: verdicts and counts recorded with the outcome -----------------------------
+
+
+def started_job(db: Database, job_id: str) -> str:
+    db.predictions.create(id=job_id, model="m", input={}, params={}, seed=1, base_url="http://x")
+    claim = "claim-" + job_id
+    assert db.predictions.claim_next("w0", claim).id == job_id
+    return claim
+
+
+def rendered_flags(db: Database, job_id: str) -> list[bool]:
+    job = db.predictions.get(job_id)
+    outputs = [f"http://x/{name}" for name in job.outputs]
+    return prediction_from_job(job, base_url="http://x", outputs=outputs, queue_position=0).has_nsfw_contents
+
+
+def test_verdicts_and_counts_are_recorded_with_the_outcome(tmp_path):
+    db = Database(tmp_path / "jobs.sqlite3")
+    for job_id, verdicts in (("flagged", [True]), ("passed", [False]), ("unchecked", None)):
+        claim = started_job(db, job_id)
+        assert db.predictions.complete(
+            job_id,
+            claim,
+            outputs=[f"{job_id}.mp4"],
+            execution_ms=1,
+            inference_ms=1,
+            has_nsfw_contents=verdicts,
+        )
+        assert db.predictions.get(job_id).has_nsfw_contents == verdicts
+    assert [rendered_flags(db, i) for i in ("flagged", "passed", "unchecked")] == [[True], [False], [False]]
+    claim = started_job(db, "blocked")
+    assert db.predictions.fail("blocked", claim, code=1405, error="withheld", nsfw_blocked=True)
+    blocked = db.predictions.get("blocked")
+    assert (blocked.status, blocked.outputs, blocked.has_nsfw_contents) == (JobStatus.FAILED, [], None)
+    assert db.counters.all() == {"safety_checks": 3.0, "nsfw_flagged": 1.0, "nsfw_blocked": 1.0}
+    # A stale claim's outcome is not recorded, and not counted either.
+    claim = started_job(db, "stale")
+    assert not db.predictions.complete(
+        "stale", "other", outputs=["stale.mp4"], execution_ms=1, inference_ms=1, has_nsfw_contents=[True]
+    )
+    assert not db.predictions.fail("stale", "other", code=1405, error="withheld", nsfw_blocked=True)
+    assert db.counters.all() == {"safety_checks": 3.0, "nsfw_flagged": 1.0, "nsfw_blocked": 1.0}
+    # Retention removes the rows; the totals stay.
+    db.predictions.expire(before=float("inf"))
+    assert db.predictions.get("flagged") is None
+    assert db.counters.all()["safety_checks"] == 3.0
+    db.close()
 
 
 # --- generate -------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     # As the API reports it, one boolean per output (false also when no checker ran: said so);
     # before the summary, which stays the last line.
     print(
-        f"has_nsfw_contents: [{str(flagged).lower()}]" + ("" if safety.checker else " (safety checker off)")
+        f"has_nsfw_contents: [{str(bool(flagged)).lower()}]"
+        + ("" if safety.checker else " (safety checker off)")
     )
     print(
         f"done in {result.timings['total_s']:.1f}s: seed {result.seed}, "

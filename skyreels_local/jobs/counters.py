@@ -1,5 +1,5 @@
 """The counters table: monotonic totals for /metrics that no retention sweep may lower (e.g.
-denoising steps run)."""
+denoising steps run, videos the safety checker looked at)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .db import Database
+
+# The safety checker's totals (README "Safety checker"), added with each job's outcome: videos
+# checked, and of those the ones flagged (kept) and blocked (withheld).
+SAFETY_CHECKS = "safety_checks"
+NSFW_FLAGGED = "nsfw_flagged"
+NSFW_BLOCKED = "nsfw_blocked"
 
 
 class CountersTable:

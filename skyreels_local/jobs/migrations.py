@@ -121,9 +121,17 @@ def _add_owners(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS predictions_account_seq ON predictions (account, seq)")
 
 
+def _add_nsfw_verdicts(conn: sqlite3.Connection) -> None:
+    """predictions.has_nsfw_contents: the safety checker's verdicts, a JSON list of booleans, one
+    per output (`[true]`: flagged). NULL when no check ran (checker off, the request opted out,
+    or a row written before this column): the API then shows `false` per output, as before."""
+    conn.execute("ALTER TABLE predictions ADD COLUMN has_nsfw_contents TEXT")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "predictions, workers, webhooks, uploads, secrets, counters", _create_tables),
     Migration(2, "owners: predictions.account and uploads.account", _add_owners),
+    Migration(3, "safety checker verdicts: predictions.has_nsfw_contents", _add_nsfw_verdicts),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -70,6 +70,8 @@ class Job:
     claim: str | None
     cancel_requested: bool
     account: str | None = None  # the owner (see migration 2); None: anonymous or legacy
+    # The safety checker's verdict per output (migration 3); None: no check ran, or an older row.
+    has_nsfw_contents: list[bool] | None = None
     input: dict[str, Any] = field(default_factory=dict)  # empty unless loaded (get_full, claims)
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -105,9 +107,16 @@ class Job:
             claim=row["claim"],
             cancel_requested=bool(row["cancel_requested"]),
             account=row["account"] if "account" in columns else None,
+            has_nsfw_contents=_json_or_none(row["has_nsfw_contents"])
+            if "has_nsfw_contents" in columns
+            else None,
             input=json.loads(row["input"]) if "input" in columns else {},
             params=json.loads(row["params"]) if "params" in columns else {},
         )
+
+
+def _json_or_none(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
 
 
 @dataclass

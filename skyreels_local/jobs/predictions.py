@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TaskCode
+from .counters import NSFW_BLOCKED, NSFW_FLAGGED, SAFETY_CHECKS
 from .models import ALL_ACCOUNTS, AllAccounts, Deleted, Expired, Job, JobStatus, QueueFullError
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ _CANCELLED = "status = 'cancelled', error = 'Prediction was cancelled'"
 # Every column but the large ones (input, params): what polls and history read.
 _LIGHT_COLUMNS = """seq, id, model, status, seed, base_url, webhook_url, base64_output, preset, profile,
     created_at, started_at, finished_at, progress, outputs, error, code, execution_ms, inference_ms,
-    attempts, worker_id, claim, cancel_requested, account"""
+    attempts, worker_id, claim, cancel_requested, account, has_nsfw_contents"""
 
 
 class PredictionsTable:
@@ -263,28 +264,59 @@ class PredictionsTable:
         inference_ms: int,
         steps: int = 0,
         denoise_s: float = 0.0,
+        has_nsfw_contents: list[bool] | None = None,
         now: float | None = None,
     ) -> bool:
         """Record the result. `steps` and `denoise_s` add to the step-time totals of /metrics.
+        `has_nsfw_contents`: the safety checker's verdict per output (None: no check ran); the
+        checks and the flagged outputs add to the safety totals of /metrics in the same
+        transaction, so each recorded outcome is counted exactly once.
 
         A cancel that arrived after the last denoising step (during decode or encode) still wins:
         a cancel answered `processing` always ends `cancelled`. The check and the state change
         are one transaction, so a cancel is either before it (job cancelled, no outputs; the
         worker deletes its video) or after it (the cancel finds the job completed and answers
         so). Returns True when this claim's outcome was recorded, either way."""
+        counters: dict[str, float] = {"denoise_steps": steps, "denoise_seconds": denoise_s} if steps else {}
+        if has_nsfw_contents is not None:
+            counters |= {SAFETY_CHECKS: len(has_nsfw_contents), NSFW_FLAGGED: sum(has_nsfw_contents)}
         recorded = self._finish(
             id,
             claim,
-            "status = 'completed', progress = 1, outputs = ?, execution_ms = ?, inference_ms = ?, error = ''",
-            (json.dumps(outputs), execution_ms, inference_ms),
+            """status = 'completed', progress = 1, outputs = ?, execution_ms = ?, inference_ms = ?, error = '',
+               has_nsfw_contents = ?""",
+            (
+                json.dumps(outputs),
+                execution_ms,
+                inference_ms,
+                None if has_nsfw_contents is None else json.dumps(has_nsfw_contents),
+            ),
             now,
-            counters={"denoise_steps": steps, "denoise_seconds": denoise_s} if steps else None,
+            counters=counters,
             unless_cancelled=True,
         )
         return recorded or self._finish(id, claim, _CANCELLED, (), now, only_if_cancel_requested=True)
 
-    def fail(self, id: str, claim: str, *, code: int, error: str, now: float | None = None) -> bool:
-        return self._finish(id, claim, "status = 'failed', code = ?, error = ?", (int(code), error), now)
+    def fail(
+        self,
+        id: str,
+        claim: str,
+        *,
+        code: int,
+        error: str,
+        nsfw_blocked: bool = False,
+        now: float | None = None,
+    ) -> bool:
+        """Record a failure. `nsfw_blocked`: the safety checker withheld the video
+        (--nsfw-action block), counted for /metrics in the same transaction."""
+        return self._finish(
+            id,
+            claim,
+            "status = 'failed', code = ?, error = ?",
+            (int(code), error),
+            now,
+            counters={SAFETY_CHECKS: 1, NSFW_BLOCKED: 1} if nsfw_blocked else None,
+        )
 
     def mark_cancelled(self, id: str, claim: str, *, now: float | None = None) -> bool:
         return self._finish(id, claim, _CANCELLED, (), now)

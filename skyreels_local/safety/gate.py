@@ -2,7 +2,8 @@
 
 `SafetyGate.load` imports the classifier (safety/checker.py: torch, transformers) only when the
 checker is on; off, it is a no-op that imports nothing. `review` returns whether the video is
-flagged, or raises OutputBlockedError under `--nsfw-action block`.
+flagged (None when no check ran), or raises OutputBlockedError under `--nsfw-action block`; the
+caller records that with the job's outcome (jobs/predictions.py: complete, fail).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .policy import OutputBlockedError, SafetyConfig
-from .tally import Tally
 
 if TYPE_CHECKING:
     from ..params import GenerationParams
@@ -20,17 +20,16 @@ log = logging.getLogger(__name__)
 
 
 class SafetyGate:
-    def __init__(self, config: SafetyConfig, checker: Any = None, tally: Tally | None = None) -> None:
+    def __init__(self, config: SafetyConfig, checker: Any = None) -> None:
         self.config = config
         self.checker = checker
-        self.tally = tally
 
     @classmethod
     def off(cls) -> SafetyGate:
         return cls(SafetyConfig(folder=None))
 
     @classmethod
-    def load(cls, config: SafetyConfig, *, device: Any = None, tally: Tally | None = None) -> SafetyGate:
+    def load(cls, config: SafetyConfig, *, device: Any = None) -> SafetyGate:
         """Load the classifier when the checker is on (a damaged folder raises SafetyCheckerError
         here, at start-up, not in a job)."""
         if not config.enabled:
@@ -45,13 +44,14 @@ class SafetyGate:
             config.action,
             "honoured" if config.allow_disable else "ignored",
         )
-        return cls(config, checker, tally)
+        return cls(config, checker)
 
-    def review(self, frames: Any, params: GenerationParams | None, *, label: str) -> bool:
+    def review(self, frames: Any, params: GenerationParams | None, *, label: str) -> bool | None:
         """Whether the video is flagged NSFW; raises OutputBlockedError when it is and the action
-        is `block`. False without a check (checker off, or the request opted out and may)."""
+        is `block`. None when no check ran (checker off, or the request opted out and may), so
+        that the job table counts only the videos really looked at."""
         if self.checker is None or not self.config.applies_to(params):
-            return False
+            return None
         verdict = self.checker.check_video(frames)
         flagged = verdict.flagged(self.config.threshold)
         log.info(
@@ -64,10 +64,7 @@ class SafetyGate:
             verdict.seconds,
             self.config.threshold,
         )
-        blocked = flagged and self.config.action == "block"
-        if self.tally is not None:
-            self.tally.add(checked=1, flagged=int(flagged and not blocked), blocked=int(blocked))
-        if blocked:
+        if flagged and self.config.action == "block":
             raise OutputBlockedError(
                 f"the output was withheld: the safety checker rated the video NSFW (score "
                 f"{verdict.score:.2f} at frame {verdict.frame}, above the threshold {self.config.threshold:g}); "

@@ -1,11 +1,10 @@
 """Safety checker decisions that need no torch: where the classifier lives, whether it runs for a
-prediction, which frames it looks at, and how a flagged output is recorded.
+prediction, and which frames it looks at.
 
-How the verdict is stored: a flagged video is written as `<prediction id>.nsfw.mp4` instead of
-`<prediction id>.mp4`. The name is already stored in the job row (`outputs`), so
-`has_nsfw_contents` (one boolean per output) is read from it with no new column in the job
-table, it survives restarts, and the file itself says what it is. A blocked video is never
-written: the prediction fails with code 1405 and an error that says why.
+How the verdict is stored: the worker records it in the job row (`predictions.has_nsfw_contents`,
+jobs migration 3) with the job's outcome, in one transaction that also adds to the /metrics
+totals (the counters table). A blocked video is never written: the prediction fails with code
+1405 and an error that says why.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ SAFETY_CHECKER_SUBDIR = "safety_checker"
 NSFW_LABELS = frozenset({"nsfw", "porn", "hentai", "explicit", "unsafe"})
 # Frames looked at per video: evenly spread, always the first, the middle and the last.
 DEFAULT_SAMPLED_FRAMES = 5
-FLAGGED_SUFFIX = ".nsfw.mp4"
 SafetyAction = Literal["flag", "block"]
 
 
@@ -158,7 +156,7 @@ def check_folder(folder: Path) -> None:
         )
 
 
-# --- frames and outputs ---------------------------------------------------------------------
+# --- frames ---------------------------------------------------------------------------------
 
 
 def sample_frame_indices(num_frames: int, count: int = DEFAULT_SAMPLED_FRAMES) -> list[int]:
@@ -172,12 +170,3 @@ def sample_frame_indices(num_frames: int, count: int = DEFAULT_SAMPLED_FRAMES) -
     last = num_frames - 1
     picked = {round(i * last / (count - 1)) for i in range(count)} | {last // 2}
     return sorted(picked)
-
-
-def output_name(prediction_id: str, *, flagged: bool) -> str:
-    return prediction_id + (FLAGGED_SUFFIX if flagged else ".mp4")
-
-
-def is_flagged_output(name: str) -> bool:
-    """Whether a stored output (its file name) was flagged by the safety checker."""
-    return name.endswith(FLAGGED_SUFFIX)

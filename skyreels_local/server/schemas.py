@@ -32,7 +32,6 @@ from ..params import (
     STEPS_MIN,
     GenerationParams,
 )
-from ..safety.policy import is_flagged_output
 
 T = TypeVar("T")
 
@@ -133,6 +132,14 @@ def result_path(prediction_id: str) -> str:
     return f"/api/v3/predictions/{prediction_id}/result"
 
 
+def nsfw_flags(job: Job) -> list[bool]:
+    """One boolean per stored output: the safety checker's verdicts (jobs migration 3), or
+    `false` for each when no check ran (checker off, opted out, or a row from before)."""
+    if job.has_nsfw_contents is None:
+        return [False] * len(job.outputs)
+    return [bool(flag) for flag in job.has_nsfw_contents]
+
+
 def prediction_from_job(
     job: Job, *, base_url: str, outputs: list[str], queue_position: int, include_input: bool = False
 ) -> Prediction:
@@ -143,8 +150,7 @@ def prediction_from_job(
         model=job.model,
         outputs=outputs,
         urls=PredictionUrls(get=base_url + result_path(job.id)),
-        # The verdict is in the stored output's name (safety/policy.py), one per output.
-        has_nsfw_contents=[is_flagged_output(name) for name in job.outputs] if outputs else [],
+        has_nsfw_contents=nsfw_flags(job) if outputs else [],
         status=job.status.value,
         created_at=rfc3339(job.created_at),
         error=job.error or "",

@@ -48,8 +48,7 @@ from ..media.uploads import UploadStore
 from ..params import GenerationParams
 from ..paths import DataPaths
 from ..safety.gate import SafetyGate
-from ..safety.policy import config_from_settings, output_name
-from ..safety.tally import Tally, tally_dir
+from ..safety.policy import OutputBlockedError, config_from_settings
 
 # Named explicitly: run as `python -m`, __name__ would be "__main__".
 log = logging.getLogger("skyreels_local.worker")
@@ -204,14 +203,14 @@ class GpuWorker:
         def should_cancel() -> bool:
             return self._stopping.is_set() or self.db.predictions.should_stop(job.id, claim)
 
-        out_of_memory = False
+        out_of_memory = nsfw_blocked = False
         try:
             params = stored_params(job)
             request = GenerationRequest(self.fetcher.fetch(params.image), params=params)
             result = engine.generate(request, on_progress=on_progress, should_cancel=should_cancel)
             # Raises OutputBlockedError (a failed job, code 1405) under --nsfw-action block.
             flagged = self.safety.review(result.frames, params, label=f"prediction {job.id}")
-            name = self.write_output(result, job.id, flagged=flagged)
+            name = self.write_output(result, job.id)
         except GenerationCancelled:
             if self._stopping.is_set():
                 log.info("prediction %s: worker stopping, job goes back to the queue", job.id)
@@ -223,6 +222,7 @@ class GpuWorker:
         except SkyreelsError as exc:
             log.warning("prediction %s: failed (%d): %s", job.id, exc.task_code, exc.message)
             code, message = int(exc.task_code), exc.message
+            nsfw_blocked = isinstance(exc, OutputBlockedError)
         except Exception as exc:
             out_of_memory = is_out_of_memory(exc)
             code, message = describe_failure(exc, profile=self.profile)
@@ -240,6 +240,8 @@ class GpuWorker:
                     inference_ms=inference_ms,
                     steps=params.num_inference_steps,
                     denoise_s=float(result.timings.get("denoise_s", 0.0)),
+                    # One verdict per output; None when no check ran (the API shows false).
+                    has_nsfw_contents=None if flagged is None else [flagged],
                 ),
             )
             final = self.db.predictions.get(job.id)
@@ -255,7 +257,12 @@ class GpuWorker:
                 return
             log.info("prediction %s: completed in %.1fs (seed %d)", job.id, elapsed_ms / 1000, result.seed)
             return
-        self._record(job.id, lambda: self.db.predictions.fail(job.id, claim, code=code, error=message))
+        self._record(
+            job.id,
+            lambda: self.db.predictions.fail(
+                job.id, claim, code=code, error=message, nsfw_blocked=nsfw_blocked
+            ),
+        )
         if out_of_memory:
             # Outside the except block: the exception's frames (and the tensors they hold) are
             # gone now, so the cache can really be returned. A CUDA OOM corrupts nothing; the
@@ -267,15 +274,14 @@ class GpuWorker:
         return SafetyGate.load(
             config_from_settings(self.settings),
             device=getattr(engine, "device", None) or self.device,
-            tally=Tally(tally_dir(self.settings.data_dir), self.worker_id),
         )
 
-    def write_output(self, result: Any, job_id: str, *, flagged: bool = False) -> str:
-        """The job's MP4 under outputs/; returns its file name (`.nsfw.mp4` when the safety
-        checker flagged it: that is how the verdict is stored). A full disk is a DiskFullError."""
+    def write_output(self, result: Any, job_id: str) -> str:
+        """The job's MP4 under outputs/ (`<id>.mp4`); returns its file name. A full disk is a
+        DiskFullError."""
         from ..video import write_mp4
 
-        name = output_name(job_id, flagged=flagged)
+        name = f"{job_id}.mp4"
         try:
             write_mp4(result.frames, self.paths.outputs / name, fps=result.fps)
             return name

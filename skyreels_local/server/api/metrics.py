@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from ...jobs.counters import NSFW_BLOCKED, NSFW_FLAGGED, SAFETY_CHECKS
+
 if TYPE_CHECKING:
     from ...config import Settings
     from .services import Services
@@ -63,30 +65,31 @@ class ServerCollector(Collector):
         yield CounterMetricFamily(
             "skyreels_webhook_failures", "Failed webhook delivery attempts", value=hooks["failed_attempts"]
         )
-        yield from safety_metrics(self.services.settings)
+        yield from safety_metrics(self.services.settings, counters)
 
 
-def safety_metrics(settings: Settings) -> Iterator[Metric]:
-    """The NSFW safety checker: on or off, videos checked, and outputs flagged or blocked."""
+def safety_metrics(settings: Settings, counters: dict[str, float]) -> Iterator[Metric]:
+    """The NSFW safety checker: on or off, videos checked, and outputs flagged or blocked (the
+    counters table, added to by the workers with each job's outcome)."""
     from ...safety.policy import config_from_settings
-    from ...safety.tally import totals
 
     yield GaugeMetricFamily(
         "skyreels_safety_checker_enabled",
         "1 when finished videos go through the NSFW safety checker",
         value=int(config_from_settings(settings).enabled),
     )
-    counts = totals(settings.data_dir)
     yield CounterMetricFamily(
-        "skyreels_safety_checks", "Videos the safety checker looked at", value=counts["checked"]
+        "skyreels_safety_checks",
+        "Videos the safety checker looked at",
+        value=counters.get(SAFETY_CHECKS, 0.0),
     )
     outputs = CounterMetricFamily(
         "skyreels_nsfw_outputs",
         "Videos the safety checker rated NSFW: flagged (kept, has_nsfw_contents true) or blocked (not kept)",
         labels=["action"],
     )
-    for action in ("flagged", "blocked"):
-        outputs.add_metric([action], counts[action])
+    for action, name in (("flagged", NSFW_FLAGGED), ("blocked", NSFW_BLOCKED)):
+        outputs.add_metric([action], counters.get(name, 0.0))
     yield outputs
 
 

@@ -18,7 +18,7 @@ from .media import store_upload
 
 router = APIRouter(tags=["files"])
 
-_OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}(\.nsfw)?\.mp4$")  # .nsfw: flagged by the safety checker
+_OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}\.mp4$")
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 
 Expires = Annotated[str, Query(description="expiry, Unix seconds (part of the signed URL)")]
