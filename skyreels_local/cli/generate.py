@@ -27,7 +27,10 @@ from .settings_flags import HelpFormatter, add_settings_flags, settings_from_arg
 
 # The Settings fields `generate` reads, each a flag with its SKYREELS_* twin (settings_flags.py);
 # data_dir holds the torch.compile cache that the fast presets reuse.
-GENERATE_FIELDS = ("model", "device", "profile", "preset", "attention", "turbo_threshold", "data_dir")
+GENERATE_FIELDS = (
+    "model", "device", "profile", "preset", "attention", "turbo_threshold", "data_dir",
+    "gpus_per_video", "ulysses", "cfg_parallel", "group_timeout_s",
+)  # fmt: skip
 
 MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024
 TINY_DEMO_NOTE = (
@@ -133,13 +136,19 @@ def run(args: argparse.Namespace) -> int:
         cache_threshold=settings.turbo_threshold,
         compile_cache_dir=DataPaths(settings.data_dir).compile_cache,
     )
-    engine = load_engine(
-        settings.model,
-        device=settings.device,
-        profile=settings.profile,
-        preset=settings.preset,
-        preset_options=options,
-    )
+    if settings.gpus_per_video > 1:
+        # N processes, this one rank 0 (worker/group.py); a rank that dies ends the command.
+        from ..worker.group import launch_group
+
+        engine = launch_group(settings, settings.device)
+    else:
+        engine = load_engine(
+            settings.model,
+            device=settings.device,
+            profile=settings.profile,
+            preset=settings.preset,
+            preset_options=options,
+        )
     bar = None if args.no_progress or not sys.stderr.isatty() and os.environ.get("CI") else _progress_bar()
 
     def on_progress(progress: Progress) -> None:
@@ -153,11 +162,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+        if hasattr(engine, "close"):
+            engine.close()
     path = write_mp4(result.frames, args.out, fps=result.fps)
     print(
         f"done in {result.timings['total_s']:.1f}s: seed {result.seed}, "
         f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
-        f"model {engine.spec.name}, profile {engine.profile}, preset {engine.preset} -> {path}"
+        f"model {engine.spec.name}, profile {engine.profile}, preset {engine.preset}"
+        + (f", {engine.split.describe()}" if hasattr(engine, "split") else "")
+        + f" -> {path}"
         + (" (tiny-random: demo size and noise, see README)" if settings.model == TINY_MODEL_NAME else "")
     )
     return 0
