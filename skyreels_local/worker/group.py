@@ -46,6 +46,7 @@ WATCH_S = 0.5  # how often rank 0 checks that the other ranks live
 JOB_POLL_S = 0.05  # how often an idle rank looks for the next job in the store
 STOP_GRACE_S = 10.0
 LOST_GROUP_EXIT = 71  # rank 0's exit code when another rank died
+LOST_RANK_WAIT_S = 3.0  # after a failed collective, how long to look for a rank that exited
 
 
 def group_device(device: str | None, rank: int) -> str:
@@ -182,8 +183,14 @@ class GroupEngine:
             except (GenerationCancelled, SkyreelsError):
                 raise  # every rank raised the same at the same point: the group is intact
             except Exception:
-                # The other ranks may be stuck in a collective: end the group after this job is
-                # recorded as failed (SIGTERM makes the worker stop after its current job).
+                lost = self._dead_rank(wait_s=LOST_RANK_WAIT_S)
+                if lost is not None:
+                    # A rank died (gloo/NCCL report the broken connection before its exit shows):
+                    # end the whole group now, without recording the job, which the supervisor
+                    # then re-queues like any job whose worker died.
+                    self._lose_group(lost)
+                # Our own failure: the other ranks may be stuck in a collective. The job is
+                # recorded as failed, then the group restarts (SIGTERM stops the worker after it).
                 self._fault()
                 raise
 
@@ -208,16 +215,32 @@ class GroupEngine:
         if self.restart_on_fault:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def _watch(self) -> None:
-        while not self._closing.wait(WATCH_S):
+    def _dead_rank(self, wait_s: float = 0.0) -> str | None:
+        """Which rank has exited, if any (waiting up to `wait_s` for an exit to show)."""
+        deadline = time.monotonic() + wait_s
+        while True:
             for rank, process in enumerate(self.followers, start=1):
                 code = process.poll()
-                if code is not None and not self._closing.is_set():
-                    self._closing.set()
-                    for other in self.followers:
-                        other.kill()
-                    self._on_group_lost(f"rank {rank} of the group exited with code {code}")
-                    return
+                if code is not None:
+                    return f"rank {rank} of the group exited with code {code}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def _lose_group(self, reason: str) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        for process in self.followers:
+            process.kill()
+        self._on_group_lost(reason)
+
+    def _watch(self) -> None:
+        while not self._closing.wait(WATCH_S):
+            lost = self._dead_rank()
+            if lost is not None:
+                self._lose_group(lost)
+                return
 
     def close(self) -> None:
         """Stop the other ranks and leave the process group."""
