@@ -86,3 +86,26 @@ def test_kill_9_of_one_rank_restarts_the_group_and_the_job_completes(server):
     # A new group serves (a new rank 1), and nothing else is left running from the old one.
     wait_until(lambda: group_ranks(server.data_dir) not in ([], [rank1]), 30, lambda: "the restarted group")
     assert rank1 not in group_ranks(server.data_dir)
+
+
+def test_a_rank_stuck_in_a_collective_fails_the_job_by_the_group_timeout(tmp_path):
+    """SIGSTOP of rank 1 mid-job: rank 0 waits in a collective until --group-timeout-s, fails the
+    job, and the group is restarted; the next job completes."""
+    args = ["--gpus-per-video", "2", "--no-cfg-parallel", "--group-timeout-s", "10"]
+    with running_server(tmp_path / "data", api_key=KEY, args=args) as server:
+        (rank1,) = group_ranks(server.data_dir)
+        body = {"prompt": "stuck", "image": data_uri(), "num_inference_steps": 50, "num_frames": 65, "seed": 3}
+        job = server.submit(body)
+        server.wait(job["id"], statuses=("processing",), timeout=60)
+        time.sleep(0.5)
+        os.kill(rank1, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            final = server.wait(job["id"], timeout=120)
+        finally:
+            if rank1 in group_ranks(server.data_dir):
+                os.kill(rank1, signal.SIGKILL)
+        assert final["status"] == "failed" and "generation failed" in final["error"], final
+        assert time.monotonic() - started < 60
+        nxt = server.submit({"prompt": "after", "image": data_uri(), "num_inference_steps": 2, "seed": 1})
+        assert server.wait(nxt["id"], timeout=180)["status"] == "completed"
