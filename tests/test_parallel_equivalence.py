@@ -122,3 +122,39 @@ def test_cancel_stops_every_rank_and_the_group_goes_on(single_process, tmp_path)
     finally:
         group.close()
     assert lost == []
+
+
+@pytest.mark.slow
+def test_turbo_step_cache_decides_the_same_on_every_ulysses_rank(tmp_path):
+    """First Block Cache under Ulysses: the reuse decisions are all-reduced, so the group reuses
+    exactly the steps the one-process run reuses (a rank deciding alone would hang the group)."""
+    from skyreels_local.engine.loader import load_engine
+    from skyreels_local.engine.presets import PresetOptions
+
+    threshold, request = 0.3, _request(num_inference_steps=8)
+    engine = load_engine(
+        "tiny-random", device="cpu", preset="turbo", preset_options=PresetOptions(cache_threshold=threshold)
+    )
+    engine.keep_latents = True
+    reference = engine.generate(request)
+    reused = reference.timings["step_cache_reuse_fraction"]
+    assert 0 < reused < 1  # a mix of computed and reused steps, or the test shows nothing
+    group, lost = _launch(2, cfg_parallel=False, preset="turbo", turbo_threshold=threshold)
+    try:
+        result = group.generate(request)
+        # The decision is the all-reduced one (on this tiny model the shards happen to agree even
+        # without it, so also check that it is installed).
+        from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
+        heads = [
+            hook
+            for module in group.engine.pipe.transformer.modules()
+            for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values()
+            if isinstance(hook, FBCHeadBlockHook)
+        ]
+        assert len(heads) == 1 and heads[0]._should_compute_remaining_blocks.__name__ == "should_compute"
+    finally:
+        group.close()
+    assert lost == []
+    assert result.timings["step_cache_reuse_fraction"] == reused
+    assert _relative(result.latents, reference.latents) < 1e-4

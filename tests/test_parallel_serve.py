@@ -94,7 +94,13 @@ def test_a_rank_stuck_in_a_collective_fails_the_job_by_the_group_timeout(tmp_pat
     args = ["--gpus-per-video", "2", "--no-cfg-parallel", "--group-timeout-s", "10"]
     with running_server(tmp_path / "data", api_key=KEY, args=args) as server:
         (rank1,) = group_ranks(server.data_dir)
-        body = {"prompt": "stuck", "image": data_uri(), "num_inference_steps": 50, "num_frames": 65, "seed": 3}
+        body = {
+            "prompt": "stuck",
+            "image": data_uri(),
+            "num_inference_steps": 50,
+            "num_frames": 65,
+            "seed": 3,
+        }
         job = server.submit(body)
         server.wait(job["id"], statuses=("processing",), timeout=60)
         time.sleep(0.5)

@@ -349,6 +349,41 @@ def install_ulysses(transformer: torch.nn.Module, context: ParallelContext) -> i
     return count
 
 
+def agree_step_cache(transformer: torch.nn.Module, context: ParallelContext) -> int:
+    """Make First Block Cache (the turbo preset) decide the same on every Ulysses rank.
+
+    Its head-block hook compares mean |residual change| / mean |previous residual| with the
+    threshold; under Ulysses each rank sees only its token shard, so ranks could decide apart and
+    one would skip the blocks (and their all-to-alls) the others run: a hang. The two sums are
+    all-reduced over the group first, which gives the one-process decision exactly (the shards
+    are equal in size). Returns how many hooks were wrapped."""
+    if context.split.ulysses == 1:
+        return 0
+    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
+    count = 0
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in getattr(registry, "hooks", {}).values():
+            if isinstance(hook, FBCHeadBlockHook):
+                hook._should_compute_remaining_blocks = _agreed_decision(hook, context)
+                count += 1
+    return count
+
+
+def _agreed_decision(hook: Any, context: ParallelContext):
+    def should_compute(residual: torch.Tensor) -> bool:
+        previous = hook.state_manager.get_state().head_block_residual
+        if previous is None:
+            return True
+        sums = torch.stack([(residual - previous).abs().sum(), previous.abs().sum()]).float()
+        sums = sums.to(context._comm_device)
+        dist.all_reduce(sums, group=context.ulysses_group)
+        return float(sums[0] / sums[1]) > hook.threshold
+
+    return should_compute
+
+
 def setup_parallel(engine: Any, context: ParallelContext) -> None:
     """Make a loaded engine one rank of the group. Ranks other than 0 drop their text encoders
     (rank 0 encodes and broadcasts): 16 GB each at full size."""
@@ -357,6 +392,7 @@ def setup_parallel(engine: Any, context: ParallelContext) -> None:
             "preset", "stock", "runs diffusers' own loop: use exact, fp8 or turbo with --gpus-per-video"
         )
     install_ulysses(engine.pipe.transformer, context)
+    agree_step_cache(engine.pipe.transformer, context)
     engine.parallel = context
     if not context.is_leader:
         engine.pipe.text_encoder = None
