@@ -65,6 +65,25 @@ def test_job_through_the_official_client(server, tmp_path):
     assert "Ulysses x2" in server.log_path.read_text(errors="replace")
 
 
+def test_cancel_mid_job_stops_the_group_and_it_takes_the_next_job(server):
+    body = {
+        "prompt": "cancel me",
+        "image": data_uri(),
+        "num_inference_steps": 50,
+        "num_frames": 65,
+        "seed": 8,
+    }
+    job = server.submit(body)
+    server.wait(job["id"], statuses=("processing",), timeout=60)
+    time.sleep(0.3)
+    with server.client() as client:
+        assert client.post(f"/api/v3/predictions/{job['id']}/cancel").status_code == 200
+    assert server.wait(job["id"], timeout=60)["status"] == "cancelled"
+    nxt = server.submit({"prompt": "next", "image": data_uri(), "num_inference_steps": 2, "seed": 2})
+    assert server.wait(nxt["id"], timeout=60)["status"] == "completed"
+    assert "rank 1 of the group exited" not in server.log_path.read_text(errors="replace")
+
+
 def test_kill_9_of_one_rank_restarts_the_group_and_the_job_completes(server):
     (rank1,) = group_ranks(server.data_dir)
     body = {
