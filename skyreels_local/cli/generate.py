@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         # N processes, this one rank 0 (worker/group.py); a rank that dies ends the command.
         from ..worker.group import launch_group
 
-        engine = launch_group(settings, settings.device)
+        engine = launch_group(settings, settings.device, on_group_lost=_group_lost)
     else:
         engine = load_engine(
             settings.model,
@@ -174,6 +174,12 @@ def run(args: argparse.Namespace) -> int:
         + (" (tiny-random: demo size and noise, see README)" if settings.model == TINY_MODEL_NAME else "")
     )
     return 0
+
+
+def _group_lost(reason: str) -> None:
+    # The other ranks are gone; rank 0 would wait in a collective until the group timeout.
+    print(f"error: {reason}; no video was written", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _progress_bar():
