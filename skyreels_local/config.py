@@ -53,6 +53,30 @@ class Settings(BaseSettings):
     turbo_threshold: float = Field(
         default=0.15, ge=0, description="turbo's First Block Cache threshold: higher reuses more steps"
     )
+    # --- several GPUs per video (engine/parallel.py, worker/group.py) -------------------------
+    gpus_per_video: int = Field(
+        default=1,
+        ge=1,
+        description="processes (one per GPU; gloo processes with --device cpu) that generate one video "
+        "together; serve starts visible GPUs / N such groups",
+    )
+    ulysses: int | None = Field(
+        default=None,
+        ge=1,
+        description="expert: Ulysses (sequence-parallel) degree; must divide the 24 heads; default: "
+        "--gpus-per-video / 2 with CFG-parallel, else --gpus-per-video",
+    )
+    cfg_parallel: bool | None = Field(
+        default=None,
+        description="expert: run the two CFG branches on the two halves of the group; default: on when "
+        "--gpus-per-video is even",
+    )
+    group_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a rank of a --gpus-per-video group waiting this long in one collective fails the job "
+        "and restarts the group",
+    )
 
     # --- safety checker (README "Safety checker") ---------------------------------------------
     safety_checker: str = Field(

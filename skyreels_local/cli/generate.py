@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 # The Settings fields `generate` reads, each a flag with its SKYREELS_* twin (settings_flags.py);
 # data_dir holds the torch.compile cache that the fast presets reuse; the last three govern an
 # --image URL, which is fetched exactly as the server fetches an `image` URL; the safety checker's
-# three settings work as in `serve` (block: no file is written and the command fails, saying why).
+# three settings work as in `serve` (block: no file is written and the command fails, saying why);
+# the last four split one video over a group of processes (README "Several GPUs per video").
 GENERATE_FIELDS = (
     "model",
     "device",
@@ -49,6 +50,10 @@ GENERATE_FIELDS = (
     "safety_checker",
     "nsfw_threshold",
     "nsfw_action",
+    "gpus_per_video",
+    "ulysses",
+    "cfg_parallel",
+    "group_timeout_s",
 )
 
 TINY_DEMO_NOTE = (
@@ -162,13 +167,19 @@ def run(args: argparse.Namespace) -> int:
         cache_threshold=settings.turbo_threshold,
         compile_cache_dir=DataPaths(settings.data_dir).compile_cache,
     )
-    engine = load_engine(
-        settings.model,
-        device=settings.device,
-        profile=settings.profile,
-        preset=settings.preset,
-        preset_options=options,
-    )
+    if settings.gpus_per_video > 1:
+        # N processes, this one rank 0 (worker/group.py); a rank that dies ends the command.
+        from ..worker.group import launch_group
+
+        engine = launch_group(settings, settings.device, on_group_lost=_group_lost)
+    else:
+        engine = load_engine(
+            settings.model,
+            device=settings.device,
+            profile=settings.profile,
+            preset=settings.preset,
+            preset_options=options,
+        )
     safety = SafetyGate.load(safety_config, device=engine.device)
     bar = None if args.no_progress or not sys.stderr.isatty() and os.environ.get("CI") else _progress_bar()
 
@@ -183,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+        if hasattr(engine, "close"):
+            engine.close()
     # Raises OutputBlockedError under --nsfw-action block: then no file is written.
     flagged = safety.review(result.frames, params, label="generate")
     if flagged:
@@ -197,10 +210,18 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"done in {result.timings['total_s']:.1f}s: seed {result.seed}, "
         f"{result.width}x{result.height}, {result.num_frames} frames at {result.fps} fps, "
-        f"model {engine.spec.name}, profile {engine.profile}, preset {engine.preset} -> {path}"
+        f"model {engine.spec.name}, profile {engine.profile}, preset {engine.preset}"
+        + (f", {engine.split.describe()}" if hasattr(engine, "split") else "")
+        + f" -> {path}"
         + (" (tiny-random: demo size and noise, see README)" if settings.model == TINY_MODEL_NAME else "")
     )
     return 0
+
+
+def _group_lost(reason: str) -> None:
+    # The other ranks are gone; rank 0 would wait in a collective until the group timeout.
+    print(f"error: {reason}; no video was written", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _progress_bar():

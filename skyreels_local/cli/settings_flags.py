@@ -64,7 +64,10 @@ def _argparse_options(field: str, info: FieldInfo) -> dict[str, Any]:
     kind = _base_type(info.annotation)
     help_text = f"{info.description} [env {env_name(field)}{_default_text(info)}]"
     options: dict[str, Any] = {"dest": field, "default": None, "help": help_text}
-    if kind is bool:
+    if kind is bool and info.default is None:
+        # Three-way (None = automatic): --flag / --no-flag.
+        options.update(action=argparse.BooleanOptionalAction)
+    elif kind is bool:
         options.update(action="store_const", const=True)
     elif kind is list:
         # Repeatable, and each value may itself be comma-separated (as the environment twin is).

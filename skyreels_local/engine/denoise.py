@@ -145,9 +145,11 @@ def cfg_velocity(
     step_index: int | None = None,
     num_inference_steps: int | None = None,
     on_forward: ForwardObserver | None = None,
+    parallel: Any = None,
 ) -> torch.Tensor:
     """One step's model output: the conditional forward, and with CFG the unconditional one,
-    each in its own cache context, combined as the pipeline does."""
+    each in its own cache context, combined as the pipeline does. With a `parallel` context
+    (engine/parallel.py) the two branches may run on the two halves of a process group."""
 
     def forward(name: str, embeds: PromptEmbeds) -> torch.Tensor:
         with transformer.cache_context(
@@ -167,6 +169,8 @@ def cfg_velocity(
                 on_forward(name)
         return out
 
+    if parallel is not None:
+        return parallel.cfg_velocity(forward, positive, negative, true_cfg_scale)
     noise_pred = forward(COND, positive)
     if negative is not None and cfg_enabled(true_cfg_scale):
         neg_noise_pred = forward(UNCOND, negative)
@@ -181,14 +185,21 @@ def denoise_latents(
     on_step: StepCallback | None = None,
     on_forward: ForwardObserver | None = None,
     on_begin: Callable[[], None] | None = None,
+    parallel: Any = None,
 ) -> torch.Tensor:
     """Run all steps and return the final float32 latents (no decode). `on_begin` is called
-    once the latents are prepared, right before the first step (the benchmark's clock)."""
+    once the latents are prepared, right before the first step (the benchmark's clock). With a
+    `parallel` context every rank of the group runs this together."""
     transformer = pipe.transformer
     with torch.inference_mode():
         positive = trim_padding(job.positive)
         negative = trim_padding(job.negative) if job.do_cfg else None
         state = prepare(pipe, job)
+        if parallel is not None:
+            # The same start on every rank, whatever each device's RNG or VAE rounding does:
+            # rank 0's noise and encoded first frame, drawn once.
+            parallel.broadcast_tensor_(state.latents)
+            parallel.broadcast_tensor_(state.image_latents)
         latents = state.latents
         total = len(state.timesteps)
         # Step caches hold the previous step's residuals per branch: start every generation
@@ -213,6 +224,7 @@ def denoise_latents(
                     step_index=index,
                     num_inference_steps=total,
                     on_forward=on_forward,
+                    parallel=parallel,
                 )
                 latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if on_step is not None:
@@ -241,9 +253,17 @@ def generate_video(
     on_forward: ForwardObserver | None = None,
     output_type: str = "np",
     decode_budget_bytes: int | None = None,
-) -> tuple[Any, TilePlan]:
-    """Denoise then decode: the pipeline call's result (`output.frames`), and the tile plan."""
-    latents = denoise_latents(pipe, job, on_step=on_step, on_forward=on_forward)
+    parallel: Any = None,
+    keep_latents: dict[str, torch.Tensor] | None = None,
+) -> tuple[Any, TilePlan | None]:
+    """Denoise then decode: the pipeline call's result (`output.frames`), and the tile plan.
+    In a process group only rank 0 decodes (the others return (None, None)). `keep_latents`,
+    when given, receives the final latents under "latents" (tests, equivalence checks)."""
+    latents = denoise_latents(pipe, job, on_step=on_step, on_forward=on_forward, parallel=parallel)
+    if keep_latents is not None:
+        keep_latents["latents"] = latents
+    if parallel is not None and not parallel.is_leader:
+        return None, None
     video, plan = decode_latents(pipe, latents, output_type=output_type, budget_bytes=decode_budget_bytes)
     pipe.maybe_free_model_hooks()  # as the pipeline does, for offloading profiles
     return video, plan

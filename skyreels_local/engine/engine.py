@@ -60,6 +60,7 @@ class GenerationResult:
     prompt: str  # as sent to the text encoder, prefix included
     negative_prompt: str | None  # None when guidance_scale <= 1 (no CFG pass)
     timings: dict[str, float] = field(default_factory=dict)
+    latents: Any = None  # the final latents, kept only when Engine.keep_latents is set (tests)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ class Engine:
         )
         # One generation at a time: the pipeline and its scheduler hold per-call state.
         self._lock = threading.Lock()
+        # Set by engine/parallel.setup_parallel when this engine is one rank of a process group.
+        self.parallel: Any = None
+        self.keep_latents = False
 
     @property
     def device(self) -> torch.device:
@@ -179,8 +183,7 @@ class Engine:
         image = centre_crop_resize(request.image, width, height)
 
         text_started = time.perf_counter()
-        positive_embeds = self.prompts.encode(prompt)
-        negative_embeds = self.prompts.encode(negative) if negative is not None else None
+        positive_embeds, negative_embeds = self._encode_prompts(prompt, negative)
         check_cancel()
 
         denoise_started = time.perf_counter()
@@ -208,6 +211,7 @@ class Engine:
             generator=torch.Generator(device="cpu").manual_seed(seed),
         )
         extra_timings: dict[str, float] = {}
+        extra_latents = None
         if self.preset_info.uses_pipeline_call:
 
             def on_step_end(
@@ -228,16 +232,22 @@ class Engine:
             monitor = self.preset_info.step_cache
             if monitor is not None:
                 monitor.reset()
+            kept: dict[str, Any] | None = {} if self.keep_latents else None
             video, _plan = generate_video(
                 self.pipe,
                 job,
                 on_step=on_step,
                 on_forward=monitor,
                 decode_budget_bytes=self.decode_budget_bytes,
+                parallel=self.parallel,
+                keep_latents=kept,
             )
+            if kept:
+                extra_latents = kept["latents"]
             if monitor is not None and monitor.forwards:
                 extra_timings["step_cache_reuse_fraction"] = monitor.reuse_fraction
-        frames = to_uint8_frames(video[0])
+        # A rank of a group other than 0 does not decode: no frames.
+        frames = to_uint8_frames(video[0]) if video is not None else np.zeros((0, height, width, 3), np.uint8)
         finished = time.perf_counter()
         timings = {
             "prepare_s": text_started - started,
@@ -261,7 +271,20 @@ class Engine:
             prompt=prompt,
             negative_prompt=negative,
             timings=timings,
+            latents=extra_latents,
         )
+
+    def _encode_prompts(self, prompt: str, negative: str | None) -> tuple[Any, Any]:
+        """The prompt embeddings; in a process group encoded once on rank 0 and broadcast."""
+        parallel = self.parallel
+        if parallel is not None and not parallel.is_leader:
+            return parallel.broadcast_embeds(None), parallel.broadcast_embeds(None)
+        positive = self.prompts.encode(prompt)
+        negative_embeds = self.prompts.encode(negative) if negative is not None else None
+        if parallel is not None:
+            parallel.broadcast_embeds(positive)
+            parallel.broadcast_embeds(negative_embeds)
+        return positive, negative_embeds
 
 
 def to_uint8_frames(frames: np.ndarray) -> np.ndarray:

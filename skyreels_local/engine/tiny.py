@@ -54,7 +54,8 @@ def build_tiny_components(seed: int = 0) -> dict[str, object]:
     transformer = HunyuanVideoTransformer3DModel(
         in_channels=8,  # 4 noisy latent channels + 4 image latent channels (latent concat)
         out_channels=4,
-        num_attention_heads=2,
+        # 4 heads: the Ulysses tests split them over 2 and 4 ranks (engine/parallel.py).
+        num_attention_heads=4,
         attention_head_dim=10,
         num_layers=1,
         num_single_layers=1,

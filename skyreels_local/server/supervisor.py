@@ -75,6 +75,8 @@ def pid_alive(pid: int) -> bool:
 def plan_workers(settings: Settings) -> list[WorkerSpec]:
     if settings.workers == 0:
         return []
+    if settings.gpus_per_video > 1:
+        return plan_groups(settings)
     if settings.device:
         return [WorkerSpec("w0", settings.device)]
     gpus = visible_gpus()
@@ -82,6 +84,24 @@ def plan_workers(settings: Settings) -> list[WorkerSpec]:
         return [WorkerSpec(f"w{i}", "cpu") for i in range(settings.workers or 1)]
     count = settings.workers or len(gpus)
     return [WorkerSpec(f"w{i}", "cuda", {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}) for i in range(count)]
+
+
+def plan_groups(settings: Settings) -> list[WorkerSpec]:
+    """`--gpus-per-video N`: each worker is a group of N processes (worker/group.py) that sees
+    its own N GPUs; visible GPUs / N groups (a remainder stays idle). On a CPU (`--device cpu`,
+    or no GPU) one group of N gloo processes."""
+    n = settings.gpus_per_video
+    gpus = [] if settings.device == "cpu" else visible_gpus()
+    if not gpus:
+        return [WorkerSpec(f"w{i}", "cpu") for i in range(settings.workers or 1)]
+    groups = [gpus[i : i + n] for i in range(0, len(gpus) - n + 1, n)]
+    if not groups:
+        # Start one anyway: it fails to load with a message naming the shortfall (/ready shows it).
+        groups = [gpus]
+    if len(gpus) % n:
+        log.warning("--gpus-per-video %d: %d of %d GPUs stay idle", n, len(gpus) % n, len(gpus))
+    count = min(settings.workers or len(groups), len(groups))
+    return [WorkerSpec(f"w{i}", "cuda", {"CUDA_VISIBLE_DEVICES": ",".join(groups[i])}) for i in range(count)]
 
 
 @dataclass

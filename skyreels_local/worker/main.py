@@ -66,6 +66,11 @@ def build_engine(settings: Settings, device: str | None) -> Any:
         module_name, _, attr = settings.engine_factory.partition(":")
         factory = getattr(importlib.import_module(module_name), attr or "build_engine")
         return factory(settings, device)
+    if settings.gpus_per_video > 1:
+        # A group of processes (worker/group.py): this one is rank 0; it loads and warms up too.
+        from .group import launch_group
+
+        return launch_group(settings, device, restart_on_fault=True)
     from ..engine.loader import load_engine
     from ..engine.presets import PresetOptions
 
