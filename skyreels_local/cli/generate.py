@@ -23,7 +23,6 @@ from ..params import (
     STEPS_MIN,
     GenerationParams,
 )
-from ..paths import DataPaths
 from ..safety.gate import SafetyGate
 from ..safety.policy import check_folder, config_from_settings
 from .settings_flags import HelpFormatter, add_settings_flags, settings_from_args
@@ -154,32 +153,20 @@ def run(args: argparse.Namespace) -> int:
 
     # torch and diffusers load only now, so that bad input fails in well under a second.
     from ..engine.engine import Progress
-    from ..engine.loader import load_engine
-    from ..engine.presets import PresetOptions
     from ..engine.request import GenerationRequest
     from ..engine.tiny import TINY_MODEL_NAME
     from ..video import write_mp4
+    from ..worker.loading import load_configured_engine
 
     if settings.model == TINY_MODEL_NAME:
         print(f"note: {TINY_DEMO_NOTE}", file=sys.stderr)
-    options = PresetOptions(
-        attention=settings.attention,
-        cache_threshold=settings.turbo_threshold,
-        compile_cache_dir=DataPaths(settings.data_dir).compile_cache,
-    )
     if settings.gpus_per_video > 1:
         # N processes, this one rank 0 (worker/group.py); a rank that dies ends the command.
         from ..worker.group import launch_group
 
         engine = launch_group(settings, settings.device, on_group_lost=_group_lost)
     else:
-        engine = load_engine(
-            settings.model,
-            device=settings.device,
-            profile=settings.profile,
-            preset=settings.preset,
-            preset_options=options,
-        )
+        engine = load_configured_engine(settings, settings.device)
     safety = SafetyGate.load(safety_config, device=engine.device)
     bar = None if args.no_progress or not sys.stderr.isatty() and os.environ.get("CI") else _progress_bar()
 

@@ -37,7 +37,6 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import GenerationCancelled, SkyreelsError
-from ..paths import DataPaths
 
 log = logging.getLogger("skyreels_local.worker.group")
 
@@ -80,22 +79,10 @@ def _init_process_group(store: Any, rank: int, world: int, device: str, timeout_
 
 def _load_rank(settings: Settings, device: str) -> Any:
     """Load the engine on this rank and join the split; then warm up together (a collective)."""
-    from ..engine.loader import load_engine
     from ..engine.parallel import ParallelContext, choose_split, setup_parallel
-    from ..engine.presets import PresetOptions
+    from .loading import load_configured_engine
 
-    options = PresetOptions(
-        attention=settings.attention,
-        cache_threshold=settings.turbo_threshold,
-        compile_cache_dir=DataPaths(settings.data_dir).compile_cache,
-    )
-    engine = load_engine(
-        settings.model,
-        device=device,
-        profile=settings.profile,
-        preset=settings.preset,
-        preset_options=options,
-    )
+    engine = load_configured_engine(settings, device)
     split = choose_split(
         settings.gpus_per_video,
         heads=engine.pipe.transformer.config.num_attention_heads,

@@ -71,23 +71,9 @@ def build_engine(settings: Settings, device: str | None) -> Any:
         from .group import launch_group
 
         return launch_group(settings, device, restart_on_fault=True)
-    from ..engine.loader import load_engine
-    from ..engine.presets import PresetOptions
+    from .loading import load_configured_engine
 
-    options = PresetOptions(
-        attention=settings.attention,
-        cache_threshold=settings.turbo_threshold,
-        # Compiled kernels persist across restarts: the compile cost is paid once per machine.
-        compile_cache_dir=DataPaths(settings.data_dir).compile_cache,
-    )
-    # The memory profile is chosen per worker (from its own GPU's free memory when `auto`).
-    engine = load_engine(
-        settings.model,
-        device=device,
-        profile=settings.profile,
-        preset=settings.preset,
-        preset_options=options,
-    )
+    engine = load_configured_engine(settings, device)
     # Compile and pick kernels now, before the worker reports ready, not in the first request.
     warm_s = engine.warm_up()
     log.info("engine warmed up in %.1fs (preset %s)", warm_s, engine.preset)
