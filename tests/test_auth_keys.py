@@ -81,7 +81,7 @@ def test_schema_upgrade_gives_old_rows_the_anonymous_owner_and_new_rows_theirs(t
     path = tmp_path / "jobs.sqlite3"
     _old_database(path)
     store = Database(path)
-    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == migrations.LATEST_VERSION == 2
+    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == migrations.LATEST_VERSION
     (legacy,), _ = store.predictions.history(account=None)
     assert legacy.account is None and store.uploads.get("u1").account is None
     assert store.predictions.history(account="team-a") == ([], 0)  # a keyed account does not see legacy rows
