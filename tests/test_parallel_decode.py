@@ -32,7 +32,7 @@ TILING = {
     "tile_sample_min_num_frames": 8,
     "tile_sample_stride_num_frames": 4,
 }
-SHAPE = (1, 4, 4, 3, 5)  # B, C, latent frames, h, w: 13 frames of 24x40 px
+SHAPE = (1, 4, 3, 2, 3)  # B, C, latent frames, h, w: 9 frames of 16x24 px
 
 
 def _vae(tiled: bool = True):
@@ -61,8 +61,8 @@ def _decoder_inputs(vae, z) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize(
     ("tiled", "shape", "expected"),
     [
-        pytest.param(True, SHAPE, (True, True, 4 * 3 * 5), id="chunks-and-tiles"),
-        pytest.param(False, SHAPE, (True, False, 4), id="chunks-only"),
+        pytest.param(True, SHAPE, (True, True, 3 * 2 * 3), id="chunks-and-tiles"),
+        pytest.param(False, SHAPE, (True, False, 3), id="chunks-only"),
         pytest.param(True, (1, 4, 2, 3, 5), (False, True, 15), id="tiles-only"),
         pytest.param(False, (1, 4, 2, 3, 5), (False, False, 1), id="one-call"),
     ],
@@ -108,7 +108,7 @@ def test_units_decoded_apart_and_blended_equal_the_tiled_decode(tiled):
             vae, z, list(layout.units[half:])
         )
         video = assemble(vae, layout, tuple(z.shape), tiles)
-    assert video.shape == reference.shape == (1, 3, 13, 24, 40)
+    assert video.shape == reference.shape == (1, 3, 9, 16, 24)
     assert torch.equal(video, reference)
 
 
@@ -127,6 +127,7 @@ def _rank_main(rank: int, world: int, port: int, out: dict) -> None:
     from skyreels_local.engine.parallel import ParallelContext, Split
     from skyreels_local.engine.parallel_decode import decode_video_group
 
+    torch.set_num_threads(1)  # the ranks share the machine's few cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         context = ParallelContext(Split(world=world, cfg=1, ulysses=world), torch.device("cpu"))
@@ -160,3 +161,45 @@ def test_a_group_decodes_the_same_video_as_one_process(world):
     assert tiled is True
     assert torch.equal(video, reference)
     assert all(results[rank][0] is None for rank in range(1, world))  # only rank 0 gets the video
+
+
+# --- end to end: a --gpus-per-video 2 group ----------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_served_group_splits_the_decode_and_writes_the_one_process_frames():
+    """25 frames are 7 latent frames, 3 temporal chunks of the tiny VAE: rank 0 decodes one, the
+    other rank two, and the frames equal rank 0's one-process decode of the same latents."""
+    from PIL import Image
+
+    from skyreels_local.config import Settings
+    from skyreels_local.engine.denoise import decode_latents
+    from skyreels_local.engine.engine import to_uint8_frames
+    from skyreels_local.engine.request import GenerationRequest
+    from skyreels_local.worker.group import launch_group
+
+    lost: list[str] = []
+    group = launch_group(
+        Settings(model="tiny-random", gpus_per_video=2, group_timeout_s=120), "cpu", on_group_lost=lost.append
+    )
+    try:
+        group.keep_latents = True
+        pipe = group.engine.pipe
+        calls: list[int] = []
+        handle = pipe.vae.post_quant_conv.register_forward_pre_hook(lambda _m, _a: calls.append(1))
+        try:
+            image = Image.new("RGB", (64, 32), (200, 30, 90))
+            result = group.generate(
+                GenerationRequest(image=image, prompt="a cat", seed=7, num_inference_steps=2, num_frames=25)
+            )
+            assert len(calls) == 1  # of the 3 decoder calls, rank 0 made one
+            reference, _plan = decode_latents(pipe, result.latents)
+            assert len(calls) == 1 + 3  # the one-process decode makes all three
+        finally:
+            handle.remove()
+        expected = to_uint8_frames(reference[0])
+        assert result.frames.shape == expected.shape == (25, 32, 64, 3)
+        assert (result.frames == expected).all()
+    finally:
+        group.close()
+    assert lost == []
