@@ -29,6 +29,7 @@ from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_skyreels_image2video imp
 from PIL import Image
 
 from ..params import cfg_enabled
+from .parallel_decode import decode_video_group
 from .prompts import PromptEmbeds
 from .vae_decode import TilePlan, decode_video
 
@@ -235,13 +236,25 @@ def denoise_latents(
 
 
 def decode_latents(
-    pipe: Any, latents: torch.Tensor, *, output_type: str = "np", budget_bytes: int | None = None
+    pipe: Any,
+    latents: torch.Tensor,
+    *,
+    output_type: str = "np",
+    budget_bytes: int | None = None,
+    parallel: Any = None,
 ) -> tuple[Any, TilePlan]:
     """The pipeline's decode (unscale, VAE, post-process), with tiles sized to free memory
-    (capped by the memory profile's decode budget)."""
+    (capped by the memory profile's decode budget). With a `parallel` context every rank calls
+    it and the decoder calls are split over the group (engine/parallel_decode.py); only rank 0
+    gets the video, the others (None, plan)."""
     with torch.inference_mode():
         scaled = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
-        video, plan = decode_video(pipe.vae, scaled, budget_bytes=budget_bytes)
+        if parallel is None:
+            video, plan = decode_video(pipe.vae, scaled, budget_bytes=budget_bytes)
+        else:
+            video, plan = decode_video_group(pipe.vae, scaled, parallel, budget_bytes=budget_bytes)
+            if video is None:
+                return None, plan
         return pipe.video_processor.postprocess_video(video, output_type=output_type), plan
 
 
@@ -257,14 +270,17 @@ def generate_video(
     keep_latents: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Any, TilePlan | None]:
     """Denoise then decode: the pipeline call's result (`output.frames`), and the tile plan.
-    In a process group only rank 0 decodes (the others return (None, None)). `keep_latents`,
-    when given, receives the final latents under "latents" (tests, equivalence checks)."""
+    In a process group every rank decodes its share of the VAE tiles and rank 0 blends them;
+    the others return (None, None). `keep_latents`, when given, receives the final latents
+    under "latents" (tests, equivalence checks)."""
     latents = denoise_latents(pipe, job, on_step=on_step, on_forward=on_forward, parallel=parallel)
     if keep_latents is not None:
         keep_latents["latents"] = latents
-    if parallel is not None and not parallel.is_leader:
+    video, plan = decode_latents(
+        pipe, latents, output_type=output_type, budget_bytes=decode_budget_bytes, parallel=parallel
+    )
+    if video is None:  # a rank of a group other than 0
         return None, None
-    video, plan = decode_latents(pipe, latents, output_type=output_type, budget_bytes=decode_budget_bytes)
     pipe.maybe_free_model_hooks()  # as the pipeline does, for offloading profiles
     return video, plan
 

@@ -131,7 +131,7 @@ class ParallelContext:
 
     @property
     def is_leader(self) -> bool:
-        """Rank 0 encodes the text, draws the noise, decodes and writes the video."""
+        """Rank 0 encodes the text, draws the noise, blends the decoded tiles and writes the video."""
         return self.rank == 0
 
     # Whole-group helpers (every rank calls them at the same point).

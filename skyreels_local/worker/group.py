@@ -4,7 +4,7 @@ The process that calls `launch_group` is rank 0 (a worker, or the `generate` CLI
 ranks 1..N-1 as child processes (`python -m skyreels_local.worker.group`), and all N join one
 torch.distributed process group (NCCL on CUDA, one GPU per rank; gloo on a CPU). Each rank
 loads the model and installs its part of the split (engine/parallel.py); rank 0 alone claims
-jobs, reports progress, decodes and writes the video.
+jobs, reports progress and writes the video (every rank decodes a share of its VAE tiles).
 
 Jobs reach the other ranks through the group's TCP key-value store, not through a collective,
 so an idle group waits for its next job as long as it likes without tripping the process-group
@@ -147,7 +147,7 @@ class GroupEngine:
 
     @property
     def device(self) -> Any:
-        """Rank 0's device: where the safety checker runs (only rank 0 decodes and checks)."""
+        """Rank 0's device: where the safety checker runs (only rank 0 gets the frames and checks)."""
         return self.engine.device
 
     @property
