@@ -22,7 +22,7 @@ from skyreels_local.params import GenerationParams
 from skyreels_local.paths import DataPaths
 from skyreels_local.worker.main import GpuWorker
 from skyreels_local.worker.prefetch import BETWEEN_JOBS, DURING_DENOISE, OFF, PromptPrefetcher, prefetch_mode
-from tests.api_server import data_uri
+from tests.api_server import data_uri, running_server
 
 STEPS = 3
 
@@ -307,3 +307,35 @@ def test_failed_peek_or_prepare_is_logged_and_forgotten(caplog):
     messages = [record.getMessage() for record in caplog.records]
     assert "prediction j1: prompt prefetch failed (RuntimeError: CUDA error: out of memory)" in messages
     assert "prompt prefetch: cannot read the queue: database is locked" in messages
+
+
+def test_peek_next_is_the_job_claim_next_would_take(tmp_path):
+    worker = make_worker(tmp_path, prefetch=True)
+    predictions = worker.db.predictions
+    assert predictions.peek_next() is None
+    first = queue_job(worker, "a kite over a beach")
+    second = queue_job(worker, "a boat on a lake")
+    peeked = predictions.peek_next()
+    assert (peeked.id, peeked.params["prompt"]) == (first, "a kite over a beach")
+    assert predictions.claim_next("w0", "c1").id == first
+    assert predictions.peek_next().id == second
+    predictions.request_cancel(second)
+    assert predictions.peek_next() is None
+
+
+# --- through a real server ----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_served_queued_job_finds_its_prompts_prefetched(tmp_path):
+    env = {"SKYREELS_ENGINE_FACTORY": "prefetch_engine:build_engine", "SKYREELS_TEST_FORWARD_DELAY_S": "0.2"}
+    with running_server(tmp_path / "data", env=env) as server:
+        body = {"image": data_uri(), "seed": 3, "num_inference_steps": 4, "num_frames": 5}
+        first = server.submit({**body, "prompt": "a kite over a beach"})["id"]
+        second = server.submit({**body, "prompt": "a boat on a lake"})["id"]
+        assert server.wait(first)["status"] == "completed"
+        assert server.wait(second)["status"] == "completed"
+    log = server.log_path.read_text(errors="replace")
+    assert "prompt prefetch during-denoise" in log  # the worker's ready line
+    assert f"prediction {second}: prompts prefetched in" in log
+    assert f"prediction {first}: prompts prefetched" not in log  # nothing was waiting before it
