@@ -5,7 +5,8 @@ the server's supervisor (server/supervisor.py) as `python -m skyreels_local.work
 with the HTTP process goes through the SQLite job table: the worker claims the oldest waiting
 job, writes throttled progress, checks the cancel flag after every denoising step (the engine
 raises from its step callback, so a cancelled job runs no VAE decode), writes the MP4 atomically,
-then records the result. torch is imported here and never in the HTTP process.
+then records the result. torch is imported here and never in the HTTP process. The next waiting
+job's prompts are encoded before it is claimed (prefetch.py), so that it starts denoising at once.
 
 SIGTERM stops the worker gracefully: the running job stops at its next step and goes back to the
 queue (without counting as an attempt). If the server dies, the worker dies with it (Linux
