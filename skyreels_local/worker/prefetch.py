@@ -10,12 +10,16 @@ prompt and the guidance scale only: no image is fetched.
 When it may run (the engine says, `Engine.prompt_prefetch_overlaps_denoise`):
 
 - `during-denoise`: the text encoders live on the engine's device (80gb, cpu profiles). An encode
-  moves no weights and adds megabytes of activations, so it runs in a thread while the current
-  job denoises: from its first step (its own encode is done by then, so a prefetch never delays
-  it) to its last (after which the VAE decode sizes its tiles from the free memory; no encode
-  starts then). On CUDA the thread uses the default stream: its kernels queue between the
-  denoiser's (no side stream, so no cross-stream lifetime to manage; an encode is tens of ms of
-  GPU time), while tokenising and Python overhead overlap.
+  moves no weights and adds ~0.2 GB of activations at full size (the Llama hidden states), so it
+  runs in a thread while the current job denoises: from its first step (its own encode is done
+  by then, so a prefetch never delays it) to its last (after which the VAE decode sizes its
+  tiles from the free memory; no encode starts then, one in flight finishes). On CUDA the thread
+  uses the default stream: its kernels queue between the denoiser's (no side stream, so no
+  cross-stream lifetime to manage; an encode is ~10 ms of GPU time, which moves into the current
+  job's denoise), while tokenising and Python launch overhead overlap. The engine is otherwise
+  untouched: `encode_prompt` sets no pipeline state, the transformer's compiled blocks and hooks
+  are not on this path, and the prompt encoder's lock keeps encodes (and the tokenizers, which
+  are not thread-safe) one at a time.
 - `between-jobs`: the profile moves text encoders onto the GPU for an encode (48gb `offload`,
   `free`), or streams them block by block (24gb `group-offload`, `sequential-offload`). Such an
   encode must not meet a denoise the profile did not plan memory for, so it starts once the job's
