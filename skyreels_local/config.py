@@ -182,6 +182,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         default=2, ge=1, description="times a job is started before an interrupted job fails with code 5000"
     )
+    prefetch_prompts: bool = Field(
+        default=True,
+        description="a worker encodes the next queued job's prompts while the current one denoises "
+        "(or, when the text encoders are offloaded, between jobs), so the next job starts denoising at once",
+    )
     engine_factory: str | None = Field(
         default=None,
         description="advanced: `module:function(settings, device)` returning an Engine; default loads --model",

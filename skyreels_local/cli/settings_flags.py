@@ -64,8 +64,8 @@ def _argparse_options(field: str, info: FieldInfo) -> dict[str, Any]:
     kind = _base_type(info.annotation)
     help_text = f"{info.description} [env {env_name(field)}{_default_text(info)}]"
     options: dict[str, Any] = {"dest": field, "default": None, "help": help_text}
-    if kind is bool and info.default is None:
-        # Three-way (None = automatic): --flag / --no-flag.
+    if kind is bool and info.default is not False:
+        # Three-way (None = automatic) or on by default: --flag / --no-flag.
         options.update(action=argparse.BooleanOptionalAction)
     elif kind is bool:
         options.update(action="store_const", const=True)

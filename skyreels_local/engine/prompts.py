@@ -170,24 +170,54 @@ class PromptEncoder:
         self.misses = 0
 
     def encode(self, text: str) -> PromptEmbeds:
-        with self._lock:
-            cached = self._cache.get(text)
-            if cached is not None:
-                self._cache.move_to_end(text)
-                self.hits += 1
-                return cached
+        cached = self._lookup(text)
+        if cached is not None:
+            return cached
         with self._encode_lock:
+            # Looked up again: a prefetch (worker/prefetch.py) may have encoded this very text
+            # while we waited for the lock; then the wait was the encode and this is a hit.
+            cached = self._lookup(text)
+            if cached is not None:
+                return cached
             self.residency.before_encode(self._pipe)
             try:
                 embeds = self._encode_uncached(text)
             finally:
                 self.residency.after_encode(self._pipe)
-        with self._lock:
-            self.misses += 1
-            self._cache[text] = embeds
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            # Cached before the encode lock is released, so that a waiter finds it.
+            with self._lock:
+                self.misses += 1
+                self._cache[text] = embeds
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         return embeds
+
+    def _lookup(self, text: str) -> PromptEmbeds | None:
+        with self._lock:
+            cached = self._cache.get(text)
+            if cached is not None:
+                self._cache.move_to_end(text)
+                self.hits += 1
+            return cached
+
+    def resident_on(self, device: torch.device) -> bool:
+        """True when an encode moves no weights: the residency moves none and every text encoder
+        parameter already lives on `device` (not on the host behind group- or sequential-offload
+        hooks). Only then may an encode run while the transformer denoises (worker/prefetch.py)."""
+        if self.residency.moves_whole_models:
+            return False
+        device = torch.device(device)
+        for name in TEXT_ENCODER_NAMES:
+            encoder = getattr(self._pipe, name, None)
+            if encoder is None:
+                return False
+            for param in encoder.parameters():
+                here = param.device
+                if here.type != device.type or (
+                    here.index is not None and device.index is not None and here.index != device.index
+                ):
+                    return False
+        return True
 
     @torch.inference_mode()
     def _encode_uncached(self, text: str) -> PromptEmbeds:

@@ -238,6 +238,12 @@ class PredictionsTable:
                 self._db.workers.took_job(conn, worker_id, row["id"])
         return Job.from_row(row) if row is not None else None
 
+    def peek_next(self) -> Job | None:
+        """The job `claim_next` would take now (the oldest waiting one, with its params), read
+        only: nothing changes. A worker prefetches its prompts; another worker may claim it first."""
+        row = self._db.row("SELECT * FROM predictions WHERE status = 'created' ORDER BY seq LIMIT 1")
+        return Job.from_row(row) if row is not None else None
+
     def set_progress(self, id: str, claim: str, progress: float) -> None:
         self._db.execute(
             "UPDATE predictions SET progress = ? WHERE id = ? AND claim = ? AND status = 'processing'",

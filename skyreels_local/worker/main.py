@@ -5,7 +5,8 @@ the server's supervisor (server/supervisor.py) as `python -m skyreels_local.work
 with the HTTP process goes through the SQLite job table: the worker claims the oldest waiting
 job, writes throttled progress, checks the cancel flag after every denoising step (the engine
 raises from its step callback, so a cancelled job runs no VAE decode), writes the MP4 atomically,
-then records the result. torch is imported here and never in the HTTP process.
+then records the result. torch is imported here and never in the HTTP process. The next waiting
+job's prompts are encoded before it is claimed (prefetch.py), so that it starts denoising at once.
 
 SIGTERM stops the worker gracefully: the running job stops at its next step and goes back to the
 queue (without counting as an attempt). If the server dies, the worker dies with it (Linux
@@ -49,6 +50,7 @@ from ..params import GenerationParams
 from ..paths import DataPaths
 from ..safety.gate import SafetyGate
 from ..safety.policy import OutputBlockedError, config_from_settings
+from .prefetch import PromptPrefetcher
 
 # Named explicitly: run as `python -m`, __name__ would be "__main__".
 log = logging.getLogger("skyreels_local.worker")
@@ -103,6 +105,7 @@ class GpuWorker:
         self._parent_pid = os.getppid()
         self.profile = ""  # the engine's memory profile, once loaded
         self.safety = SafetyGate.off()  # the NSFW check of each video (loaded with the engine)
+        self.prefetcher: PromptPrefetcher | None = None  # the next job's prompts (prefetch.py)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -122,13 +125,15 @@ class GpuWorker:
             return 3
         profile = self.profile = str(getattr(engine, "profile", ""))
         preset = getattr(engine, "preset", None)
+        self.prefetcher = self.make_prefetcher(engine)
         self.db.workers.update(self.worker_id, state="ready", model=engine.spec.name, profile=profile)
         log.info(
-            "worker %s ready: model %s, profile %s, preset %s",
+            "worker %s ready: model %s, profile %s, preset %s, prompt prefetch %s",
             self.worker_id,
             engine.spec.name,
             profile,
             preset,
+            self.prefetcher.mode,
         )
         retry_s = IDLE_POLL_S
         while not self._stopping.is_set():
@@ -149,9 +154,13 @@ class GpuWorker:
                 self._stopping.wait(IDLE_POLL_S)
                 continue
             self.run_job(engine, job)
+        self.prefetcher.close()
         self.db.workers.update(self.worker_id, state="stopped", job_id=None)
         log.info("worker %s stopped", self.worker_id)
         return 0
+
+    def make_prefetcher(self, engine: Any) -> PromptPrefetcher:
+        return PromptPrefetcher(engine, self.db.predictions.peek_next, enabled=self.settings.prefetch_prompts)
 
     def _heartbeat(self) -> None:
         while True:
@@ -181,8 +190,12 @@ class GpuWorker:
         started = time.monotonic()
         log.info("prediction %s: started on worker %s (attempt %d)", job.id, self.worker_id, job.attempts)
         last_write = [0.0]
+        if self.prefetcher is None:  # run_job called without run() (tests)
+            self.prefetcher = self.make_prefetcher(engine)
+        prefetcher = self.prefetcher
 
         def on_progress(progress: Any) -> None:
+            prefetcher.denoise_step(progress.step, progress.total)
             now = time.monotonic()
             if now - last_write[0] >= PROGRESS_EVERY_S or progress.step == progress.total:
                 last_write[0] = now
@@ -198,9 +211,11 @@ class GpuWorker:
         try:
             params = stored_params(job)
             request = GenerationRequest(self.fetcher.fetch(params.image), params=params)
+            prefetcher.before_generate()
             result = engine.generate(request, on_progress=on_progress, should_cancel=should_cancel)
             # Raises OutputBlockedError (a failed job, code 1405) under --nsfw-action block.
             flagged = self.safety.review(result.frames, params, label=f"prediction {job.id}")
+            prefetcher.gpu_idle()  # the next job's prompts encode while the MP4 is written
             name = self.write_output(result, job.id)
         except GenerationCancelled:
             if self._stopping.is_set():
@@ -246,7 +261,10 @@ class GpuWorker:
                 (self.paths.outputs / name).unlink(missing_ok=True)
                 log.info("prediction %s: cancelled after its last step; output discarded", job.id)
                 return
-            log.info("prediction %s: completed in %.1fs (seed %d)", job.id, elapsed_ms / 1000, result.seed)
+            log.info(
+                "prediction %s: completed in %.1fs (seed %d, text encode %.3fs)",
+                job.id, elapsed_ms / 1000, result.seed, result.timings.get("text_encode_s", 0.0),
+            )  # fmt: skip
             return
         self._record(
             job.id,
