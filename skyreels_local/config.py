@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .preset_names import PRESETS
+from .preset_names import DEFAULT_STEP_CACHE, PRESETS, STEP_CACHES
 
 DEFAULT_WEIGHTS_DIR = Path("weights")
 TINY_MODEL = "tiny-random"  # the built-in demo model (engine/tiny.py); importable without torch
@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     )
     turbo_threshold: float = Field(
         default=0.15, ge=0, description="turbo's First Block Cache threshold: higher reuses more steps"
+    )
+    step_cache: str = Field(
+        default=DEFAULT_STEP_CACHE,
+        description="turbo's step cache: fbcache (First Block Cache, --turbo-threshold), taylorseer "
+        "(TaylorSeer lite, fixed interval) or magcache (MagCache with HunyuanVideo's published ratios)",
+        json_schema_extra={"choices": STEP_CACHES},
     )
     # --- several GPUs per video (engine/parallel.py, worker/group.py) -------------------------
     gpus_per_video: int = Field(
