@@ -356,7 +356,9 @@ def agree_step_cache(transformer: torch.nn.Module, context: ParallelContext) -> 
     threshold; under Ulysses each rank sees only its token shard, so ranks could decide apart and
     one would skip the blocks (and their all-to-alls) the others run: a hang. The two sums are
     all-reduced over the group first, which gives the one-process decision exactly (the shards
-    are equal in size). Returns how many hooks were wrapped."""
+    are equal in size). The other step caches (taylorseer, magcache: engine/step_cache.py) decide
+    from the step index and shipped numbers alone, the same on every rank with no communication.
+    Returns how many hooks were wrapped."""
     if context.split.ulysses == 1:
         return 0
     from diffusers.hooks.first_block_cache import FBCHeadBlockHook
