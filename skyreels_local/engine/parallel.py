@@ -289,9 +289,12 @@ class UlyssesHunyuanVideoAttnProcessor(MaskFreeHunyuanVideoAttnProcessor):
             for x, t in ((q, tq), (k, tk), (v, tv))
         )
         # 5. Attention over the whole sequence for this rank's heads.
-        out = dispatch_attention_fn(
-            q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend
-        )
+        if self.kernel is not None:  # one of our kernels (attention_kernels.py)
+            out = self.kernel(q, k, v)
+        else:
+            out = dispatch_attention_fn(
+                q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend
+            )
         video = heads_to_seq(out[:, :-text_len], size, group)
         text = gather_heads(out[:, -text_len:], size, group)
         hidden_states = video.flatten(2, 3).to(q.dtype)
@@ -322,6 +325,7 @@ def install_ulysses(transformer: torch.nn.Module, context: ParallelContext) -> i
             replacement = UlyssesHunyuanVideoAttnProcessor(context)
             if "_attention_backend" in vars(processor):
                 replacement._attention_backend = processor._attention_backend
+            replacement.kernel = processor.kernel
             module.set_processor(replacement)
             count += 1
     if count == 0:

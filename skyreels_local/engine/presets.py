@@ -349,6 +349,15 @@ def apply_preset(pipe: Any, name: str, options: PresetOptions | None = None) -> 
         env, allow_approximate=applied.name in ("fp8", "turbo"), requested=options.attention, probe=probe
     )
     apply_backend(transformer, applied.attention.backend)
+    if applied.attention.is_kernel and device.type == "cuda" and options.probe_attention:
+        verified = verify_kernel(transformer, applied.attention.backend, device)
+        if verified is not None:  # broken or out of bounds here: back to the automatic choice
+            applied.notes.append(verified)
+            log.warning("%s", verified)
+            applied.attention = choose_backend(
+                env, allow_approximate=applied.name in ("fp8", "turbo"), probe=probe
+            )
+            apply_backend(transformer, applied.attention.backend)
 
     if use_fp8:
         applied.fp8_linears = quantize_fp8(transformer, include_single_blocks=include_single)
@@ -367,6 +376,24 @@ def apply_preset(pipe: Any, name: str, options: PresetOptions | None = None) -> 
         )
     log.info("preset %s: %s", applied.name, applied.summary())
     return applied
+
+
+def verify_kernel(transformer: torch.nn.Module, name: str, device: torch.device) -> str | None:
+    """Run the kernel the processors now hold once against SDPA (attention_kernels.check_kernel):
+    None when it is usable, else why not."""
+    from .attention import MaskFreeHunyuanVideoAttnProcessor
+    from .attention_kernels import KERNELS, check_kernel
+
+    kernel = next(
+        m.processor.kernel
+        for m in transformer.modules()
+        if isinstance(getattr(m, "processor", None), MaskFreeHunyuanVideoAttnProcessor)
+    )
+    ok, message = check_kernel(
+        KERNELS[name], kernel, device=device, head_dim=transformer.config.attention_head_dim
+    )
+    log.info("attention kernel check: %s", message)
+    return None if ok else f"attention {name} dropped: {message}"
 
 
 def _is_offloaded(transformer: torch.nn.Module, device: torch.device) -> bool:
