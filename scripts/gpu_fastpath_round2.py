@@ -317,6 +317,9 @@ def phase_bench(args, device, out: Path) -> None:
         command += ["--model", "random-full", "--text-encoder", "random-full"]
     if args.bench_variants:
         command += ["--variants", args.bench_variants]
+    kernel = best_8bit_kernel(out / "attention.json")
+    if kernel is not None:
+        command += ["--fp8-attention", kernel]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -325,6 +328,23 @@ def phase_bench(args, device, out: Path) -> None:
     result = subprocess.run(command, env=env, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"bench exited {result.returncode} (see bench.json for what it measured)")
+
+
+def best_8bit_kernel(path: Path, bound: float = 0.1) -> str | None:
+    """The fastest 8-bit kernel the attention phase ran within `bound` of bf16 (diffuse
+    regime, the probe's), and faster than bf16 SDPA; None without one (fp8 keeps auto)."""
+    if not path.exists():
+        return None
+    from skyreels_local.engine.attention_kernels import APPROXIMATE_KERNELS
+
+    results = json.loads(path.read_text())["regimes"]["diffuse"]["results"]
+    sdpa_ms = results.get("sdpa-bf16", {}).get("ms", float("inf"))
+    good = {
+        name: r["ms"]
+        for name, r in results.items()
+        if name in APPROXIMATE_KERNELS and "ms" in r and r.get("vs_bf16", 1.0) <= bound and r["ms"] < sdpa_ms
+    }
+    return min(good, key=good.get) if good else None
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     )
     attention: str = Field(
         default="auto",
-        description="attention backend for the fast presets: auto (probe the installed kernels) or a "
-        "diffusers backend name such as _native_cudnn, _flash_3, sage",
+        description="attention backend for the fast presets: auto (probe the installed kernels), a "
+        "diffusers backend name such as _native_cudnn, _flash_3, sage, or one of our kernels: fa4, and "
+        "with fp8/turbo cudnn-fp8, te-fp8, flashinfer-fp8, sage1 (falls back to auto when missing)",
     )
     turbo_threshold: float = Field(
         default=0.15, ge=0, description="turbo's First Block Cache threshold: higher reuses more steps"

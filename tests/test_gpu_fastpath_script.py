@@ -89,3 +89,26 @@ def test_unknown_phase_is_refused():
         timeout=120,
     )
     assert result.returncode == 2 and "unknown ['warp']" in result.stderr
+
+
+def test_bench_phase_takes_the_fastest_8bit_kernel_within_the_bound(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_fastpath_round2", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = {
+        "sdpa-bf16": {"ms": 100.0, "vs_float32": 2e-3},
+        "fa4": {"ms": 20.0, "vs_bf16": 1e-3},  # exact: not a candidate for fp8 attention
+        "cudnn-fp8": {"ms": 50.0, "vs_bf16": 0.06},
+        "te-fp8": {"ms": 40.0, "vs_bf16": 0.15},  # fastest, but beyond the bound
+        "flashinfer-fp8": {"error": "RuntimeError: no kernel image"},
+        "sage1": {"ms": 120.0, "vs_bf16": 0.01},  # within the bound, slower than bf16
+    }
+    path = tmp_path / "attention.json"
+    path.write_text(json.dumps({"regimes": {"diffuse": {"results": results}}}))
+    assert module.best_8bit_kernel(path) == "cudnn-fp8"
+    results["cudnn-fp8"]["vs_bf16"] = 0.2
+    path.write_text(json.dumps({"regimes": {"diffuse": {"results": results}}}))
+    assert module.best_8bit_kernel(path) is None
+    assert module.best_8bit_kernel(tmp_path / "missing.json") is None

@@ -52,7 +52,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from importlib import metadata
 from pathlib import Path
@@ -131,6 +131,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cfg", type=float, default=DEFAULT_GUIDANCE_SCALE, help="true CFG scale")
     p.add_argument("--attention", default="auto", help="attention backend for the presets, or auto (probe)")
+    p.add_argument(
+        "--fp8-attention",
+        default="auto",
+        help="attention for the fp8 variant (and turbo on it): auto, a backend, or an 8-bit kernel "
+        "(cudnn-fp8, te-fp8, flashinfer-fp8, sage1)",
+    )
     p.add_argument(
         "--compile",
         default="auto",
@@ -827,7 +833,9 @@ class Bench:
             "fp8_probe_rows": {str(k): v for k, v in probe_fp8_rows(self.device).items()}
         }
         started = time.perf_counter()
-        applied = apply_preset(s.pipe, "fp8", self.preset_options())
+        applied = apply_preset(
+            s.pipe, "fp8", replace(self.preset_options(), attention=self.args.fp8_attention)
+        )
         record["apply_s"] = round(time.perf_counter() - started, 2)
         record["preset"] = applied.summary()
         if applied.name != "fp8":
