@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=2400.0, help="the bench phase's wall-clock budget")
     parser.add_argument("--e2e-steps", type=int, default=30)
     parser.add_argument("--bench-variants", default=None, help="bench --variants (default: all)")
+    parser.add_argument(
+        "--text-encoder",
+        default="random-full",
+        choices=("random-full", "none"),
+        help="bench --text-encoder: random-full keeps a 16 GB 8B stand-in resident (the 80gb row); on an "
+        "80 GB GPU the float32 `ref` variant (52 GB) may not fit beside it: use none there",
+    )
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = [p for p in phases if p not in PHASES]
@@ -314,7 +321,7 @@ def phase_bench(args, device, out: Path) -> None:
     if args.tiny:
         command += ["--model", "tiny-random", "--device", "cpu", "--e2e-steps", str(min(args.e2e_steps, 4))]
     else:
-        command += ["--model", "random-full", "--text-encoder", "random-full"]
+        command += ["--model", "random-full", "--text-encoder", args.text_encoder]
     if args.bench_variants:
         command += ["--variants", args.bench_variants]
     kernel = best_8bit_kernel(out / "attention.json")

@@ -137,3 +137,20 @@ def test_text_encoder_stand_in_has_the_real_shapes():
     params = llama.num_hidden_layers * per_layer + llama.vocab_size * llama.hidden_size
     assert params / 1e9 == pytest.approx(7.5, abs=0.05)  # Llama-3-8B without its LM head
     assert CLIPTextConfig(**CLIP_L_TEXT).hidden_size == 768
+
+
+def test_e2e_encode_is_never_a_cache_hit():
+    """PromptEncoder caches by text and every e2e run encodes the same prompts: each timed
+    encode must run the text encoder again."""
+    from skyreels_local.bench.e2e import pipeline_prompt_encoder
+    from skyreels_local.engine.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    calls = []
+    pipe.text_encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    encoder = pipeline_prompt_encoder(pipe)
+    first, second = encoder.encode("same prompt"), encoder.encode("same prompt")
+    assert len(calls) == 2
+    assert first.embeds.shape == second.embeds.shape
+    pipe.text_encoder = None
+    assert pipeline_prompt_encoder(pipe) is None
