@@ -14,7 +14,8 @@ Phases (each writes its file as soon as it ends, so a run killed at its limit ke
               estimate in the README can be checked against the real kernel (attention.json).
 * `profile`   torch.profiler over one denoising step (after a warm-up step) of stock and of
               `exact`, at full size with random weights: the top kernels and their share of
-              GPU time (profile.json, profile_<variant>.txt).
+              GPU time (profile.json, profile_<variant>.txt). The step is a one-step run, so
+              it includes the first frame's VAE encode (~1% of it).
 * `bench`     `python -m skyreels_local.bench` at full size with the full-size random Llama-3-8B
               and CLIP-L stand-ins resident (the 80gb profile's memory), 30-step end-to-end runs
               for stock, exact, fp8 and turbo with each step cache (bench.json, bench.txt).
@@ -106,7 +107,19 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"{phase}_error.txt").write_text(traceback.format_exc())
         print(f"[round2] {phase}: {status[phase]}", flush=True)
         _write(out / "status.json", status)
+        _release(device)  # the next phase (the bench: another process) needs the memory
     return 0 if all(s.startswith("ok") for s in status.values()) else 1
+
+
+def _release(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _gpu_slug(device) -> str:
