@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .preset_names import PRESETS
+from .preset_names import DEFAULT_STEP_CACHE, PRESETS, STEP_CACHES
 
 DEFAULT_WEIGHTS_DIR = Path("weights")
 TINY_MODEL = "tiny-random"  # the built-in demo model (engine/tiny.py); importable without torch
@@ -47,11 +47,18 @@ class Settings(BaseSettings):
     )
     attention: str = Field(
         default="auto",
-        description="attention backend for the fast presets: auto (probe the installed kernels) or a "
-        "diffusers backend name such as _native_cudnn, _flash_3, sage",
+        description="attention backend for the fast presets: auto (probe the installed kernels), a "
+        "diffusers backend name such as _native_cudnn, _flash_3, sage, or one of our kernels: fa4, and "
+        "with fp8/turbo cudnn-fp8, te-fp8, flashinfer-fp8, sage1 (falls back to auto when missing)",
     )
     turbo_threshold: float = Field(
         default=0.15, ge=0, description="turbo's First Block Cache threshold: higher reuses more steps"
+    )
+    step_cache: str = Field(
+        default=DEFAULT_STEP_CACHE,
+        description="turbo's step cache: fbcache (First Block Cache, --turbo-threshold), taylorseer "
+        "(TaylorSeer lite, fixed interval) or magcache (MagCache with HunyuanVideo's published ratios)",
+        json_schema_extra={"choices": STEP_CACHES},
     )
     # --- several GPUs per video (engine/parallel.py, worker/group.py) -------------------------
     gpus_per_video: int = Field(

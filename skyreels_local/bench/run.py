@@ -19,6 +19,13 @@ forwards per step):
            weights the reuse fraction says nothing about real videos; the end-to-end estimate is
            a function of it and is labelled so.
 * `decode_default` the same decode with diffusers' default 256 px tiles (what stock does).
+* `e2e_*`  one whole video (bench/e2e.py): encode + `--e2e-steps` steps (30) + decode + MP4, for
+           stock (pipeline call, default tiles), exact, fp8, and turbo with each step cache of
+           `--step-caches` on the fastest base reached. Each runs right after its preset is
+           applied (presets change the model in place: exact before fp8 quantizes it). The
+           schedule-based caches (taylorseer, magcache) reuse the same steps on random and real
+           weights, so their end-to-end time is a real measurement; fbcache's reuse on random
+           weights is ~none and says nothing about real videos.
 
 Per variant: median seconds per step (after one warm-up step that includes compilation),
 effective TFLOP/s (useful FLOPs as PERFORMANCE.md counts them: 2 x 12 D^2 per token per block for
@@ -45,13 +52,16 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ..params import DEFAULT_GUIDANCE_SCALE, SKYREELS_GEOMETRY, cfg_enabled
+from ..preset_names import STEP_CACHES
 from ..weights.layout import SKYREELS_I2V_TRANSFORMER_CONFIG
+from .e2e import TEXT_ENCODERS
 from .report import (
     SCHEDULE_STEPS,
     Results,
@@ -64,7 +74,19 @@ from .report import (
 
 # Run in this order: the step-time targets first, then the decode (it completes the end-to-end
 # estimates), then turbo on the fastest base reached, and the stock decode for comparison last.
-VARIANTS = ("ref", "stock", "exact", "fp8", "decode", "turbo", "decode_default")
+VARIANTS = (
+    "ref",
+    "stock",
+    "e2e_stock",
+    "exact",
+    "e2e_exact",
+    "fp8",
+    "e2e_fp8",
+    "decode",
+    "turbo",
+    *(f"e2e_turbo_{option}" for option in STEP_CACHES),
+    "decode_default",
+)
 DEFAULT_VARIANTS = VARIANTS
 FULL_MODEL, TINY_MODEL = "random-full", "tiny-random"
 
@@ -110,6 +132,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=DEFAULT_GUIDANCE_SCALE, help="true CFG scale")
     p.add_argument("--attention", default="auto", help="attention backend for the presets, or auto (probe)")
     p.add_argument(
+        "--fp8-attention",
+        default="auto",
+        help="attention for the fp8 variant (and turbo on it): auto, a backend, or an 8-bit kernel "
+        "(cudnn-fp8, te-fp8, flashinfer-fp8, sage1)",
+    )
+    p.add_argument(
         "--compile",
         default="auto",
         choices=("auto", "on", "off"),
@@ -120,6 +148,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--compile-cache-dir", default=None, help="inductor cache dir (TORCHINDUCTOR_CACHE_DIR wins)"
     )
     p.add_argument("--cache-threshold", type=float, default=None, help="turbo's First Block Cache threshold")
+    p.add_argument(
+        "--e2e-steps",
+        type=int,
+        default=SCHEDULE_STEPS,
+        help="steps of the end-to-end runs (e2e_* variants: encode + steps + decode + MP4)",
+    )
+    p.add_argument(
+        "--step-caches",
+        default=",".join(STEP_CACHES),
+        type=_step_cache_list,
+        help=f"turbo's step caches timed end to end (e2e_turbo_*), from {','.join(STEP_CACHES)}",
+    )
+    p.add_argument(
+        "--text-encoder",
+        default="auto",
+        choices=TEXT_ENCODERS,
+        help="text encoders timed in the e2e runs: auto (the model's own; none for random-full), none, "
+        "or random-full (Llama-3-8B- and CLIP-L-shaped random stand-ins, resident as in the 80gb profile)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of the inputs (same for every preset)")
     p.add_argument(
         "--out",
@@ -127,6 +174,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=Path("bench.json"),
         help="JSON results (a .txt table is written beside it)",
     )
+
+
+def _step_cache_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in STEP_CACHES for n in names):
+        raise argparse.ArgumentTypeError(
+            f"--step-caches must be names from {','.join(STEP_CACHES)}, got {text!r}"
+        )
+    return [n for n in STEP_CACHES if n in names]
 
 
 def _variant_list(text: str) -> list[str]:
@@ -167,6 +223,9 @@ class Setup:
     exact_latents: Any = None
     exact_short_pred: Any = None
     ref_short_pred: Any = None
+    text_encoder: Any = None  # something with .encode(text), timed in the e2e runs (e2e.py)
+    stock_e2e_latents: Any = None
+    exact_e2e_latents: Any = None
 
 
 class Bench:
@@ -195,8 +254,15 @@ class Bench:
             self.torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_gib(self) -> float | None:
+        """CUDA: the variant's peak allocated memory. CPU: the process's resident-set high-water
+        mark so far (Linux; monotonic over the run, not per variant)."""
         if self.device.type != "cuda":
-            return None
+            try:
+                import resource
+
+                return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB
+            except (ImportError, OSError):
+                return None
         return round(self.torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
 
     def rel_err(self, a: Any, b: Any) -> float:
@@ -231,12 +297,17 @@ class Bench:
             "fp8": self.run_fp8,
             "decode": self.run_decode,
             "decode_default": self.run_decode_default,
+            "e2e_stock": self.run_e2e_stock,
+            "e2e_exact": lambda: self.run_e2e_preset("exact"),
+            "e2e_fp8": lambda: self.run_e2e_preset("fp8"),
+            **{f"e2e_turbo_{option}": partial(self.run_e2e_turbo, option) for option in STEP_CACHES},
         }
-        for position, name in enumerate(args.variants):
+        variants = [name for name in args.variants if self.wanted(name)]
+        for position, name in enumerate(variants):
             remaining = args.budget_s - self.elapsed()
             # Fewer timed steps (down to one) when all the variants still to run would not fit.
             self.timed = args.timed_steps
-            later = args.variants[position:]
+            later = variants[position:]
             while self.timed > 1 and sum(self.estimate(n) for n in later) > remaining:
                 self.timed -= 1
             estimate = self.estimate(name)
@@ -278,6 +349,14 @@ class Bench:
         self.results.data["env"]["total_wall_s"] = round(self.elapsed(), 1)
         self.results.save()
         return self.results
+
+    def wanted(self, name: str) -> bool:
+        """e2e variants only with --e2e-steps > 0, turbo's only for the caches in --step-caches."""
+        if not name.startswith("e2e_"):
+            return True
+        if self.args.e2e_steps <= 0:
+            return False
+        return not name.startswith("e2e_turbo_") or name.removeprefix("e2e_turbo_") in self.args.step_caches
 
     def environment(self) -> dict[str, Any]:
         torch = self.torch
@@ -370,6 +449,7 @@ class Bench:
             "timestep": torch.tensor([900.0], device=self.device),
             "guidance": torch.tensor([1000.0], device=self.device, dtype=dtype),
         }
+        text_encoder = self.build_text_encoder(pipe)
         self.sync()
         self.results.data["config"] = {
             "model": args.model,
@@ -389,6 +469,14 @@ class Bench:
             "vae_weights_shrunk": not vae_ok,
             "image_latents_finite": vae_ok or image_latents_finite(pipe, image, height, width),
             "build_s": round(time.perf_counter() - started, 1),
+            "e2e_steps": args.e2e_steps,
+            "text_encoder": args.text_encoder,
+            "text_encoder_params_b": None
+            if text_encoder is None or not hasattr(text_encoder, "parameters_b")
+            else round(text_encoder.parameters_b(), 2),
+            "peak_memory": "torch.cuda.max_memory_allocated per variant"
+            if self.device.type == "cuda"
+            else "process max RSS so far (CPU)",
         }
         return Setup(
             pipe=pipe,
@@ -410,7 +498,20 @@ class Bench:
             short_video_tokens=(short_t // patch_t) * (latent_shape[3] // patch) * (latent_shape[4] // patch),
             text_lens=text_lens,
             short_inputs=short_inputs,
+            text_encoder=text_encoder,
         )
+
+    def build_text_encoder(self, pipe: Any) -> Any:
+        from .e2e import build_text_encoder_stand_in, pipeline_prompt_encoder
+
+        choice = self.args.text_encoder
+        if choice == "none":
+            return None
+        if choice == "random-full":
+            if self.device.type != "cuda":
+                raise SystemExit("--text-encoder random-full builds 7.5 B parameters: it needs a CUDA GPU")
+            return build_text_encoder_stand_in(self.device)
+        return pipeline_prompt_encoder(pipe)
 
     # -- estimates --
     def estimate(self, name: str) -> float:
@@ -445,7 +546,22 @@ class Bench:
             "fp8": (exact_warm or compile_s + exact) + steps * 0.7 * exact + short * stock + 10.0,
             "decode": decode + 2.0,
             "decode_default": 1.5 * decode + 2.0,
+            **self.e2e_estimates(stock, exact, base, decode),
         }[name]
+
+    def e2e_estimates(self, stock: float, exact: float, base: float, decode: float) -> dict[str, float]:
+        steps = self.args.e2e_steps
+        encode = 3.0 if self.device.type == "cuda" else 0.5
+        fp8 = self.step_s("fp8") or 0.7 * exact
+        out = {
+            "e2e_stock": encode + steps * stock + 1.5 * decode + 2.0,
+            "e2e_exact": encode + steps * exact + decode + 2.0,
+            "e2e_fp8": encode + steps * fp8 + decode + 2.0,
+        }
+        for option in STEP_CACHES:  # fbcache reuses ~nothing on random weights: every step computes
+            computed = 1.0 if option == "fbcache" else 0.5
+            out[f"e2e_turbo_{option}"] = encode + steps * computed * base + decode + 2.0
+        return out
 
     def flops_share(self, video_tokens: int) -> float:
         """A smaller clip's step cost as a share of a full one: its FLOP share, doubled because
@@ -717,7 +833,9 @@ class Bench:
             "fp8_probe_rows": {str(k): v for k, v in probe_fp8_rows(self.device).items()}
         }
         started = time.perf_counter()
-        applied = apply_preset(s.pipe, "fp8", self.preset_options())
+        applied = apply_preset(
+            s.pipe, "fp8", replace(self.preset_options(), attention=self.args.fp8_attention)
+        )
         record["apply_s"] = round(time.perf_counter() - started, 2)
         record["preset"] = applied.summary()
         if applied.name != "fp8":
@@ -733,6 +851,131 @@ class Bench:
             record["rel_err_vs_ref"] = self.rel_err(pred, s.ref_short_pred)
             if s.exact_short_pred is not None:
                 record["rel_err_vs_exact_bf16"] = self.rel_err(pred, s.exact_short_pred)
+        return record
+
+    # -- end to end (e2e.py) --
+    def e2e_parts(
+        self, record: dict[str, Any], denoise: Callable[[], Any], decode: Callable[[Any], Any]
+    ) -> Any:
+        """Time encode, the denoise call (image encode + all steps), decode and MP4 into `record`;
+        compare the final latents with stock's and exact's; return them."""
+        from .e2e import time_encode, time_mp4
+
+        s = self.setup
+        steps = self.args.e2e_steps
+        encode_s = time_encode(s.text_encoder, self.sync, ("a bench prompt", "a bench negative prompt"))
+        self.sync()
+        started = time.perf_counter()
+        latents = denoise()
+        self.sync()
+        denoise_s = time.perf_counter() - started
+        started = time.perf_counter()
+        video = decode(latents)
+        self.sync()
+        decode_s = time.perf_counter() - started
+        try:
+            mp4_s, mp4_bytes = time_mp4(video)
+            record["mp4_bytes"] = mp4_bytes
+        except Exception as exc:  # e.g. no imageio-ffmpeg on a bare GPU machine: keep the rest
+            mp4_s = None
+            record["mp4_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        record.update(
+            e2e_steps=steps,
+            encode_s=None if encode_s is None else significant(encode_s),
+            denoise_s=round(denoise_s, 3),
+            s_per_step=round(denoise_s / steps, 4),
+            decode_s=round(decode_s, 3),
+            mp4_s=None if mp4_s is None else round(mp4_s, 3),
+            e2e_s=round(sum(x for x in (encode_s, denoise_s, decode_s, mp4_s) if x is not None), 3),
+            e2e_parts="encode + denoise (image encode and steps) + decode + mp4"
+            + ("" if encode_s is not None else "; no text encoder timed")
+            + ("" if mp4_s is not None else "; mp4 failed"),
+            finite=bool(self.torch.isfinite(latents).all()),
+        )
+        if s.stock_e2e_latents is not None and latents is not s.stock_e2e_latents:
+            record["rel_err_vs_stock"] = self.rel_err(latents, s.stock_e2e_latents)
+        if s.exact_e2e_latents is not None and latents is not s.exact_e2e_latents:
+            record["rel_err_vs_exact"] = self.rel_err(latents, s.exact_e2e_latents)
+        return latents
+
+    def run_e2e_stock(self) -> dict[str, Any]:
+        from ..engine.attention import has_mask_free_attention
+        from ..engine.denoise import pipeline_kwargs
+        from .e2e import stock_decode
+
+        s = self.setup
+        if has_mask_free_attention(s.pipe.transformer):
+            raise RuntimeError("e2e_stock must run before a preset changes the model (order of VARIANTS)")
+        job = self.job(steps=self.args.e2e_steps)
+
+        def denoise() -> Any:
+            with self.torch.inference_mode():
+                return s.pipe(**pipeline_kwargs(job), output_type="latent").frames.float()
+
+        record: dict[str, Any] = {"note": "pipeline call (padded text + mask), default VAE tiles"}
+        s.stock_e2e_latents = self.e2e_parts(record, denoise, partial(stock_decode, s.pipe))
+        return record
+
+    def ours_decode(self, latents: Any) -> Any:
+        from ..engine.denoise import decode_latents
+
+        return decode_latents(self.setup.pipe, latents, output_type="np")[0]
+
+    def run_e2e_preset(self, name: str) -> dict[str, Any]:
+        from ..engine.denoise import denoise_latents
+
+        s = self.setup
+        measured = self.results.variants.get(name, {})
+        if not measured.get("step_median_s") or measured.get("preset", {}).get("preset") != name:
+            why = measured.get("skipped") or measured.get("error") or "not run"
+            return {"skipped": f"the {name} variant did not run ({str(why)[:120]})"}
+        record: dict[str, Any] = {"note": f"our loop, {name} as applied by the {name} variant"}
+        latents = self.e2e_parts(
+            record, lambda: denoise_latents(s.pipe, self.job(steps=self.args.e2e_steps)), self.ours_decode
+        )
+        if name == "exact":
+            s.exact_e2e_latents = latents
+        return record
+
+    def run_e2e_turbo(self, option: str) -> dict[str, Any]:
+        from ..engine.attention import has_mask_free_attention
+        from ..engine.denoise import denoise_latents
+        from ..engine.step_cache import install_step_cache, remove_step_cache
+
+        s = self.setup
+        transformer = s.pipe.transformer
+        if not has_mask_free_attention(transformer):
+            raise RuntimeError("turbo is measured on a fast base: run the exact (or fp8) variant first")
+        fp8 = self.results.variants.get("fp8", {})
+        base = "fp8" if fp8.get("step_median_s") and fp8.get("preset", {}).get("preset") == "fp8" else "exact"
+        steps = self.args.e2e_steps
+        cache = install_step_cache(transformer, option, threshold=self.preset_options().cache_threshold)
+        record: dict[str, Any] = {"base": base, "step_cache": cache.describe()}
+        try:
+            self.e2e_parts(
+                record,
+                lambda: denoise_latents(s.pipe, self.job(steps=steps), on_forward=cache),
+                self.ours_decode,
+            )
+        finally:
+            remove_step_cache(transformer)
+        record["computed_forwards"] = dict(cache.computed)
+        record["reused_forwards"] = dict(cache.reused)
+        record["reuse_fraction"] = round(cache.reuse_fraction, 4)
+        planned = cache.planned_computed(steps)
+        if planned is not None:
+            record["planned_computed_steps"] = sum(planned)
+            if any(count != sum(planned) for count in cache.computed.values()):
+                raise RuntimeError(
+                    f"{option} computed {dict(cache.computed)} steps, its schedule says {sum(planned)}"
+                )
+            record["note"] = (
+                f"{option}: schedule computes {sum(planned)} of {steps} steps (weight-independent)"
+            )
+        else:
+            record["note"] = (
+                f"{option}: reuse on random weights ({record['reuse_fraction']:.0%}) says nothing about real videos"
+            )
         return record
 
     def final_latents(self) -> Any:

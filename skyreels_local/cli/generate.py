@@ -42,6 +42,7 @@ GENERATE_FIELDS = (
     "preset",
     "attention",
     "turbo_threshold",
+    "step_cache",
     "data_dir",
     "max_download_bytes",
     "download_timeout_s",

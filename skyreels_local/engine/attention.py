@@ -15,6 +15,12 @@ Two independent pieces:
   installed but broken simply drops out.
 
 Detection reads diffusers' own availability flags, so "installed" means "diffusers can call it".
+
+Besides the dispatcher's backends, `--attention` names the kernels our processor calls itself
+(attention_kernels.py: fa4, cudnn-fp8, te-fp8, flashinfer-fp8, sage1). They are opt-in by name
+(the automatic choice is unchanged), and a named one that is not installed or not supported by
+this GPU falls back to the automatic choice with a warning. With no kernel set, the processor
+runs diffusers' own code path: `exact` stays bit-identical.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 from ..errors import InvalidInputError
+from .attention_kernels import APPROXIMATE_KERNELS, KERNELS, Kernel, kernel_status
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,10 @@ class MaskFreeHunyuanVideoAttnProcessor(HunyuanVideoAttnProcessor2_0):
 
     Only correct when the text sequence holds no padding: install it only on a transformer that
     is called through our denoising loop, which trims the padding (denoise.trim_padding).
+    With `kernel` set (apply_backend), attention runs on that kernel (attention_kernels.py).
     """
+
+    kernel: Kernel | None = None
 
     def __call__(
         self,
@@ -59,7 +69,61 @@ class MaskFreeHunyuanVideoAttnProcessor(HunyuanVideoAttnProcessor2_0):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ):
-        return super().__call__(attn, hidden_states, encoder_hidden_states, None, image_rotary_emb)
+        if self.kernel is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, None, image_rotary_emb)
+        return self._call_kernel(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+
+    def _call_kernel(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        """diffusers' HunyuanVideoAttnProcessor2_0.__call__ step for step (0.42.1), with the
+        attention itself on `self.kernel` ([B, S, H, D] in and out)."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        joint = attn.add_q_proj is None and encoder_hidden_states is not None
+        if joint:  # single-stream block: video and text share the projections
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query, key, value = (
+            proj(hidden_states).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            if joint:  # RoPE on the video tokens only
+                text = encoder_hidden_states.shape[1]
+                query, key = (
+                    torch.cat(
+                        [apply_rotary_emb(x[:, :-text], image_rotary_emb, sequence_dim=1), x[:, -text:]],
+                        dim=1,
+                    )
+                    for x in (query, key)
+                )
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            eq, ek, ev = (
+                proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query, key, value = (
+                torch.cat([query, eq], dim=1),
+                torch.cat([key, ek], dim=1),
+                torch.cat([value, ev], dim=1),
+            )
+        hidden_states = self.kernel(query, key, value).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            text = encoder_hidden_states.shape[1]
+            hidden_states, encoder_hidden_states = hidden_states[:, :-text], hidden_states[:, -text:]
+            if getattr(attn, "to_out", None) is not None:
+                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+            if getattr(attn, "to_add_out", None) is not None:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
 
 
 def install_mask_free_attention(transformer: torch.nn.Module) -> int:
@@ -150,12 +214,17 @@ def candidate_backends(env: AttentionEnvironment, *, allow_approximate: bool) ->
 class AttentionChoice:
     backend: str
     candidates: tuple[str, ...]
-    how: str  # "requested", "only candidate", "preference order" or "probe"
+    how: str  # "requested", "only candidate", "preference order", "probe", or "fallback from X: why"
     probe: dict[str, float | str] = field(default_factory=dict)  # ms per candidate, or its error
 
     @property
     def exact(self) -> bool:
-        return self.backend not in APPROXIMATE_BACKENDS
+        return self.backend not in APPROXIMATE_BACKENDS + APPROXIMATE_KERNELS
+
+    @property
+    def is_kernel(self) -> bool:
+        """One of our own kernels (attention_kernels.py), not a dispatcher backend."""
+        return self.backend in KERNELS
 
 
 ProbeFn = Callable[[Sequence[str]], dict[str, float | str]]
@@ -167,6 +236,7 @@ def choose_backend(
     allow_approximate: bool,
     requested: str = AUTO,
     probe: ProbeFn | None = None,
+    importable: Callable[[str], bool] | None = None,
 ) -> AttentionChoice:
     """The backend to use: `requested` when it is usable here, else the fastest candidate.
 
@@ -174,6 +244,10 @@ def choose_backend(
     failed or disagreed); without a probe the preference order decides.
     """
     candidates = candidate_backends(env, allow_approximate=allow_approximate)
+    if requested in KERNELS:
+        return _choose_kernel(
+            env, requested, allow_approximate=allow_approximate, probe=probe, importable=importable
+        )
     if requested != AUTO:
         if requested in APPROXIMATE_BACKENDS and not allow_approximate:
             raise InvalidInputError(
@@ -185,7 +259,8 @@ def choose_backend(
             raise InvalidInputError(
                 "attention",
                 requested,
-                f"must be usable on this {env.device_type} device: {', '.join(candidates)}",
+                f"must be usable on this {env.device_type} device: {', '.join(candidates)} "
+                f"(or one of our kernels: {', '.join(KERNELS)})",
             )
         return AttentionChoice(requested, tuple(candidates), "requested")
     if len(candidates) == 1:
@@ -199,6 +274,31 @@ def choose_backend(
         return AttentionChoice("native", tuple(candidates), "probe failed", timings)
     best = min(usable, key=lambda name: (usable[name], candidates.index(name)))
     return AttentionChoice(best, tuple(candidates), "probe", timings)
+
+
+def _choose_kernel(
+    env: AttentionEnvironment,
+    name: str,
+    *,
+    allow_approximate: bool,
+    probe: ProbeFn | None,
+    importable: Callable[[str], bool] | None,
+) -> AttentionChoice:
+    """A named kernel of ours when it can run here; else the automatic choice, with a warning."""
+    spec = KERNELS[name]
+    if not spec.exact and not allow_approximate:
+        raise InvalidInputError(
+            "attention",
+            name,
+            "changes the output (8-bit attention): use it with the fp8 or turbo preset, or an exact backend",
+        )
+    kwargs = {} if importable is None else {"importable": importable}
+    reason = kernel_status(spec, device_type=env.device_type, capability=env.capability, **kwargs)
+    if reason is None:
+        return AttentionChoice(name, (name,), "requested")
+    choice = choose_backend(env, allow_approximate=allow_approximate, probe=probe)
+    log.warning("attention %s is not usable here (%s): using %s instead", name, reason, choice.backend)
+    return AttentionChoice(choice.backend, choice.candidates, f"fallback from {name}: {reason}", choice.probe)
 
 
 def probe_backends(
@@ -259,8 +359,30 @@ def probe_backends(
     return results
 
 
+def set_kernel(transformer: torch.nn.Module, name: str | None) -> int:
+    """Put kernel `name` (None: none) on every mask-free processor, one instance each (a kernel
+    may keep per-layer state). Returns how many processors have it."""
+    spec = KERNELS[name] if name is not None else None
+    count = 0
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, MaskFreeHunyuanVideoAttnProcessor):
+            processor.kernel = None if spec is None else spec.make()
+            count += spec is not None
+    return count
+
+
 def apply_backend(transformer: torch.nn.Module, backend: str) -> None:
-    """Route the transformer's dispatcher-based processors to `backend`."""
+    """Route the transformer's processors to `backend`: a dispatcher backend, or one of our
+    kernels (on the mask-free processors; the dispatcher then stays on its default)."""
+    set_kernel(transformer, None)
+    if backend in KERNELS:
+        apply_backend(transformer, "native")
+        if set_kernel(transformer, backend) == 0:
+            raise RuntimeError(
+                f"attention {backend} needs the mask-free processors (a preset other than stock)"
+            )
+        return
     if backend == "native":
         # diffusers' default (no backend on the processor) already is native SDPA; setting it
         # explicitly only adds a warning. Undo an earlier choice, if any.

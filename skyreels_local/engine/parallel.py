@@ -289,9 +289,12 @@ class UlyssesHunyuanVideoAttnProcessor(MaskFreeHunyuanVideoAttnProcessor):
             for x, t in ((q, tq), (k, tk), (v, tv))
         )
         # 5. Attention over the whole sequence for this rank's heads.
-        out = dispatch_attention_fn(
-            q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend
-        )
+        if self.kernel is not None:  # one of our kernels (attention_kernels.py)
+            out = self.kernel(q, k, v)
+        else:
+            out = dispatch_attention_fn(
+                q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend
+            )
         video = heads_to_seq(out[:, :-text_len], size, group)
         text = gather_heads(out[:, -text_len:], size, group)
         hidden_states = video.flatten(2, 3).to(q.dtype)
@@ -322,6 +325,7 @@ def install_ulysses(transformer: torch.nn.Module, context: ParallelContext) -> i
             replacement = UlyssesHunyuanVideoAttnProcessor(context)
             if "_attention_backend" in vars(processor):
                 replacement._attention_backend = processor._attention_backend
+            replacement.kernel = processor.kernel
             module.set_processor(replacement)
             count += 1
     if count == 0:
@@ -356,7 +360,9 @@ def agree_step_cache(transformer: torch.nn.Module, context: ParallelContext) -> 
     threshold; under Ulysses each rank sees only its token shard, so ranks could decide apart and
     one would skip the blocks (and their all-to-alls) the others run: a hang. The two sums are
     all-reduced over the group first, which gives the one-process decision exactly (the shards
-    are equal in size). Returns how many hooks were wrapped."""
+    are equal in size). The other step caches (taylorseer, magcache: engine/step_cache.py) decide
+    from the step index and shipped numbers alone, the same on every rank with no communication.
+    Returns how many hooks were wrapped."""
     if context.split.ulysses == 1:
         return 0
     from diffusers.hooks.first_block_cache import FBCHeadBlockHook

@@ -5,7 +5,7 @@
 | `stock` | diffusers' own | the plain `HunyuanSkyreelsImageToVideoPipeline.__call__`: the baseline |
 | `exact` | same math (kernel rounding only) | our loop (denoise.py) with the text padding cut so attention runs mask-free, the fastest installed exact attention kernel, and regional `torch.compile` of the repeated blocks with a persistent compile cache |
 | `fp8` | changes slightly | `exact` plus fp8 (e4m3, per-row scales) dynamic matmuls from torchao for the large video-stream linears, and 8-bit attention when SageAttention is installed; needs compute capability >= 8.9, else it falls back to `exact` with a warning |
-| `turbo` | changes | the fastest of the above plus First Block Cache (diffusers hooks) per CFG branch: a step whose first-block residual moved less than `cache_threshold` reuses the rest of the network from the previous step |
+| `turbo` | changes | the fastest of the above plus a step cache (diffusers hooks) per CFG branch, named by `step_cache` (step_cache.py): First Block Cache by default (a step whose first-block residual moved less than `cache_threshold` reuses the rest of the network from the previous step), or TaylorSeer / MagCache on fixed schedules |
 
 Everything here changes the transformer in place and is applied once at load (loader.py); the
 functions are idempotent so that the benchmark can stack presets on one model.
@@ -14,10 +14,8 @@ functions are idempotent so that the benchmark can stack presets on one model.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +23,14 @@ from typing import Any
 
 import torch
 
-from ..preset_names import DEFAULT_CACHE_THRESHOLD, DEFAULT_PRESET, PRESETS, validate_preset
+from ..preset_names import (
+    DEFAULT_CACHE_THRESHOLD,
+    DEFAULT_PRESET,
+    DEFAULT_STEP_CACHE,
+    PRESETS,
+    validate_preset,
+    validate_step_cache,
+)
 from .attention import (
     AUTO,
     AttentionChoice,
@@ -35,6 +40,7 @@ from .attention import (
     install_mask_free_attention,
     probe_backends,
 )
+from .step_cache import FirstBlockCache, StepCache, install_step_cache
 
 __all__ = ["DEFAULT_CACHE_THRESHOLD", "DEFAULT_PRESET", "PRESETS", "validate_preset"]  # re-exported
 
@@ -63,7 +69,8 @@ class PresetOptions:
     compile: bool | None = None  # None: compile on a CUDA device only (CPU compiles are slow)
     compile_dynamic: bool | None = True  # one graph for every text length and clip size
     compile_cache_dir: str | Path | None = None  # persistent inductor cache; TORCHINDUCTOR_CACHE_DIR wins
-    cache_threshold: float = DEFAULT_CACHE_THRESHOLD
+    cache_threshold: float = DEFAULT_CACHE_THRESHOLD  # fbcache's
+    step_cache: str = DEFAULT_STEP_CACHE  # turbo's step cache: fbcache, taylorseer or magcache
     probe_attention: bool = True
 
 
@@ -77,7 +84,7 @@ class AppliedPreset:
     mask_free: bool = False
     compiled: bool = False
     fp8_linears: int = 0
-    step_cache: StepCacheMonitor | None = None
+    step_cache: StepCache | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -303,64 +310,8 @@ def plan_fp8(device: torch.device) -> tuple[bool, bool, str | None]:
 
 # --- step cache (turbo) -------------------------------------------------------------------
 
-
-class StepCacheMonitor:
-    """First Block Cache on the transformer, with per-branch counts of computed/reused forwards.
-
-    The denoising loop calls it (as `on_forward`) inside each branch's cache context, after the
-    forward, when the head block's hook has made this step's decision.
-    """
-
-    method = "first-block-cache"
-
-    def __init__(self, transformer: torch.nn.Module, threshold: float) -> None:
-        from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
-        from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
-
-        if transformer.is_cache_enabled:
-            transformer.disable_cache()
-        transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-        heads = [
-            hook
-            for module in transformer.modules()
-            if hasattr(module, "_diffusers_hook")
-            and (hook := HookRegistry.check_if_exists_or_initialize(module).get_hook(_FBC_LEADER_BLOCK_HOOK))
-        ]
-        if len(heads) != 1:
-            raise RuntimeError(f"expected one First Block Cache head hook, found {len(heads)}")
-        self._head = heads[0]
-        self.computed: Counter[str] = Counter()
-        self.reused: Counter[str] = Counter()
-
-    @property
-    def threshold(self) -> float:
-        return float(self._head.threshold)
-
-    @threshold.setter
-    def threshold(self, value: float) -> None:
-        if not value >= 0:
-            raise ValueError(f"cache threshold must be >= 0, got {value!r}")
-        self._head.threshold = value
-
-    def __call__(self, branch: str) -> None:
-        state = self._head.state_manager.get_state()
-        (self.computed if state.should_compute else self.reused)[branch] += 1
-
-    def reset(self) -> None:
-        self.computed.clear()
-        self.reused.clear()
-
-    @property
-    def forwards(self) -> int:
-        return sum(self.computed.values()) + sum(self.reused.values())
-
-    @property
-    def reuse_fraction(self) -> float:
-        total = self.forwards
-        return sum(self.reused.values()) / total if total else math.nan
-
-    def describe(self) -> str:
-        return f"{self.method} threshold={self.threshold:g}"
+# The default step cache under its historical name (tests and the benchmark build it directly).
+StepCacheMonitor = FirstBlockCache
 
 
 # --- presets ------------------------------------------------------------------------------
@@ -370,6 +321,7 @@ def apply_preset(pipe: Any, name: str, options: PresetOptions | None = None) -> 
     """Prepare `pipe.transformer` for preset `name` (after the memory profile placed it)."""
     validate_preset(name)
     options = options or PresetOptions()
+    validate_step_cache(options.step_cache)
     applied = AppliedPreset(name=name, requested=name)
     if name == "stock":
         return applied
@@ -397,6 +349,15 @@ def apply_preset(pipe: Any, name: str, options: PresetOptions | None = None) -> 
         env, allow_approximate=applied.name in ("fp8", "turbo"), requested=options.attention, probe=probe
     )
     apply_backend(transformer, applied.attention.backend)
+    if applied.attention.is_kernel and device.type == "cuda" and options.probe_attention:
+        verified = verify_kernel(transformer, applied.attention.backend, device)
+        if verified is not None:  # broken or out of bounds here: back to the automatic choice
+            applied.notes.append(verified)
+            log.warning("%s", verified)
+            applied.attention = choose_backend(
+                env, allow_approximate=applied.name in ("fp8", "turbo"), probe=probe
+            )
+            apply_backend(transformer, applied.attention.backend)
 
     if use_fp8:
         applied.fp8_linears = quantize_fp8(transformer, include_single_blocks=include_single)
@@ -410,9 +371,29 @@ def apply_preset(pipe: Any, name: str, options: PresetOptions | None = None) -> 
             applied.notes.append(f"not compiled: {exc}")
 
     if name == "turbo":
-        applied.step_cache = StepCacheMonitor(transformer, options.cache_threshold)
+        applied.step_cache = install_step_cache(
+            transformer, options.step_cache, threshold=options.cache_threshold
+        )
     log.info("preset %s: %s", applied.name, applied.summary())
     return applied
+
+
+def verify_kernel(transformer: torch.nn.Module, name: str, device: torch.device) -> str | None:
+    """Run the kernel the processors now hold once against SDPA (attention_kernels.check_kernel):
+    None when it is usable, else why not."""
+    from .attention import MaskFreeHunyuanVideoAttnProcessor
+    from .attention_kernels import KERNELS, check_kernel
+
+    kernel = next(
+        m.processor.kernel
+        for m in transformer.modules()
+        if isinstance(getattr(m, "processor", None), MaskFreeHunyuanVideoAttnProcessor)
+    )
+    ok, message = check_kernel(
+        KERNELS[name], kernel, device=device, head_dim=transformer.config.attention_head_dim
+    )
+    log.info("attention kernel check: %s", message)
+    return None if ok else f"attention {name} dropped: {message}"
 
 
 def _is_offloaded(transformer: torch.nn.Module, device: torch.device) -> bool:

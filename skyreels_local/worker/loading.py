@@ -19,6 +19,7 @@ def load_configured_engine(settings: Settings, device: str | None) -> Any:
     options = PresetOptions(
         attention=settings.attention,
         cache_threshold=settings.turbo_threshold,
+        step_cache=settings.step_cache,
         # Compiled kernels persist across restarts: the compile cost is paid once per machine.
         compile_cache_dir=DataPaths(settings.data_dir).compile_cache,
     )
