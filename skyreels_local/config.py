@@ -182,6 +182,25 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         default=2, ge=1, description="times a job is started before an interrupted job fails with code 5000"
     )
+    # --- several machines (skyreels_local/cluster, README "Several machines") -----------------
+    broker: str | None = Field(
+        default=None,
+        description="Redis URL of the Celery broker (redis://[:PASSWORD@]HOST:PORT/DB, rediss:// for TLS; "
+        "keep Redis private): serve hands jobs to `skyreels-local worker` processes on any host "
+        "(--workers then defaults to 0); worker takes them",
+    )
+    cluster_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="with --broker: a worker's heartbeat period; one silent for 4 of them is lost and its "
+        "job is dispatched again (an attempt)",
+    )
+    broker_visibility_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="with --broker: Redis redelivers a task taken by a worker that vanished (host down) "
+        "after this; must exceed the longest job; default --job-timeout-s + 600",
+    )
     engine_factory: str | None = Field(
         default=None,
         description="advanced: `module:function(settings, device)` returning an Engine; default loads --model",
