@@ -374,13 +374,14 @@ class Dispatcher:
             self._send(full, token)
 
     def _sweep_stray_markers(self) -> None:
-        """Markers of jobs that ended while the API was down."""
-        in_flight = {job.id: job.claim for job in self.remote.in_flight()}
-        for key in self._redis.scan_iter(match=p.DISPATCH_KEY_PATTERN, count=500):
+        """Markers of this table's jobs that ended while the API was down (markers of unknown
+        ids are left alone: they may be another API's, sharing this Redis database)."""
+        keys = list(self._redis.scan_iter(match=p.DISPATCH_KEY_PATTERN, count=500))
+        for key in keys:
             prediction_id = key.decode().rpartition(":")[2]
-            if prediction_id not in in_flight:
-                self._redis.delete(key)
-                self._redis.set(p.cancel_key(prediction_id), "1", ex=self._cancel_ttl_s)
+            job = self.db.predictions.get(prediction_id)
+            if job is not None and job.terminal:
+                self._end(prediction_id, cancel=True)
 
     # --- sending -----------------------------------------------------------------------------
 
