@@ -258,6 +258,64 @@ def test_a_job_past_the_timeout_fails_with_5004_and_its_worker_is_told(dispatche
     assert r.get(p.cancel_key(pid)) == b"1"
 
 
+def test_a_task_failure_is_retried_as_an_attempt_then_fails_the_job(dispatcher_of, r):
+    dispatcher = dispatcher_of(max_attempts=2)
+    pid = submit(dispatcher.db)
+    for attempt in (1, 2):
+        dispatcher.cycle()
+        token = dispatcher.db.predictions.get(pid).claim
+        report(
+            dispatcher, pid, token, "FAILURE", {"exc_type": "ConnectionError", "exc_message": ["Redis gone"]}
+        )
+        dispatcher.cycle()
+        job = dispatcher.db.predictions.get(pid)
+        assert job.attempts == attempt
+    assert (job.status, job.code) == (JobStatus.FAILED, 5000)
+    assert "interrupted 2 times" in job.error and "its worker failed" in job.error
+
+
+def test_with_redis_down_jobs_wait_in_the_table_and_go_out_once_it_is_back(redis_server, tmp_path):
+    from cluster_support import RedisServer, free_port
+
+    from skyreels_local.cluster.dispatcher import Dispatcher
+
+    down = RedisServer(free_port(), tmp_path / "late-redis", appendonly=False)
+    down.folder.mkdir()
+    settings = Settings(
+        broker=down.url, model="tiny-random", data_dir=tmp_path / "d", cluster_heartbeat_s=0.5
+    )
+    paths = DataPaths(settings.data_dir).create()
+    db = Database(paths.database)
+    fetcher = ImageFetcher(
+        uploads=UploadStore(paths.uploads, db.uploads, max_bytes=10**6),
+        signer=UrlSigner("k" * 32),
+        policy=AddressPolicy([]),
+        max_bytes=10**6,
+        timeout_s=2,
+    )
+    dispatcher = Dispatcher(settings, db, fetcher=fetcher, outputs=paths.outputs)
+    dispatcher.start()  # Redis is not there: the thread backs off
+    try:
+        pid = submit(db)  # what an accepted submit does: the table only
+        time.sleep(1.5)
+        job = db.predictions.get(pid)
+        assert (job.status, job.claim, dispatcher.connected) == (JobStatus.CREATED, None, False)
+        assert "Connection" in dispatcher.last_error
+        down.start()
+        try:
+            deadline = time.monotonic() + 20
+            while db.predictions.get(pid).claim is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            claim = db.predictions.get(pid).claim
+            assert claim and queued_task_ids(down.client()) == [f"{pid}.{claim}"]
+            assert dispatcher.connected
+        finally:
+            down.kill()
+    finally:
+        dispatcher.stop()
+        db.close()
+
+
 # --- the worker's admission ------------------------------------------------------------------
 
 
@@ -304,3 +362,17 @@ def test_the_http_side_of_the_cluster_imports_no_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_watchdog_ends_a_process_whose_job_hangs_past_the_timeout(worker_of, r, monkeypatch):
+    worker = worker_of("w1")
+    exits = []
+    monkeypatch.setattr("os._exit", lambda code: exits.append(code))
+    r.set(p.dispatch_key("job"), "t1")
+    assert worker.admit("job", "t1") == "run"
+    worker._job_timeout_s = 1.0
+    worker._watchdog()
+    assert exits == []  # within the timeout + grace
+    worker._job_started -= 1.0 + 60.0 + 1
+    worker._watchdog()
+    assert exits == [75]

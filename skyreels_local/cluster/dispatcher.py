@@ -112,7 +112,8 @@ class Dispatcher:
                 # Redis down or restarting, mostly: jobs stay in the table; try again with backoff,
                 # then re-send the queued dispatches (a message may have been lost meanwhile).
                 self.connected = False
-                self._resync = True
+                if _is_connection_error(exc):
+                    self._resync = True  # a marker or a message may not have reached Redis
                 delay = min(max(delay * 2, 1.0), MAX_BACKOFF_S)
                 self.last_error = f"{exc.__class__.__name__}: {exc}"
                 log.warning("cluster dispatcher: %s; retrying in %.0fs", self.last_error, delay)
@@ -185,7 +186,13 @@ class Dispatcher:
             self._record(job, p.Outcome.from_json(info))
             return
         if state == "FAILURE":
-            self._record(job, p.Outcome(status=p.FAILED, code=5000, message=f"remote worker error: {info}"))
+            # The task body catches every generation error itself: a FAILURE is the worker's
+            # plumbing (Redis unreachable mid-task, a payload it cannot read). Dispatch it again,
+            # as an attempt, so that --max-attempts ends a failure that repeats.
+            self._forget_result(job.id, token)
+            if job.status == JobStatus.CREATED:
+                self.remote.mark_started(job.id, token, worker_id="?")
+            self._redispatch(job, f"its worker failed: {str(info)[:300]}")
             return
         if state == "PROGRESS" and isinstance(info, dict):
             worker = str(info.get("worker", ""))
@@ -243,9 +250,11 @@ class Dispatcher:
             log.error("prediction %s: %s; %s", job.id, reason, outcome)
             self._end(job.id, cancel=True)
             return
-        log.warning("prediction %s: %s; dispatched again (attempt %d done)", job.id, reason, job.attempts)
         full = self.db.predictions.get_full(job.id)
         if full is not None:
+            log.warning(
+                "prediction %s: %s; dispatched again (%d attempts so far)", job.id, reason, full.attempts
+            )
             self._send(full, token)
 
     # --- outcomes ----------------------------------------------------------------------------

@@ -82,6 +82,7 @@ class RemoteWorker:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def run(self) -> int:
+        self._write_beat()  # `loading` shows in /ready at once
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         try:
             self.load()

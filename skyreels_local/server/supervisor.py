@@ -158,6 +158,8 @@ class WorkerSupervisor:
         self._stop_workers()
 
     def _enforce_job_timeout(self) -> None:
+        if self.settings.broker:
+            return  # remote jobs: the cluster dispatcher enforces it (and tells their worker)
         timeout = self.settings.job_timeout_s
         for job in self.db.predictions.overdue_jobs(started_before=time.time() - timeout):
             error = (
