@@ -357,7 +357,11 @@ def test_a_worker_drops_stale_dispatches_and_two_deliveries_never_run_at_once(wo
 
 def test_the_http_side_of_the_cluster_imports_no_torch():
     code = (
-        "import sys; import skyreels_local.cluster.dispatcher, skyreels_local.cluster.celery_app; "
+        "import sys; from skyreels_local.config import Settings; "
+        "from skyreels_local.cluster.dispatcher import Dispatcher; "
+        "from skyreels_local.cluster.celery_app import make_celery; "
+        "app = make_celery(Settings(broker='redis://127.0.0.1:1/0')); app.backend; "
+        "assert 'celery' in sys.modules and 'redis' in sys.modules; "
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
         "assert not bad, bad"
     )
