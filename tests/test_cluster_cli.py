@@ -57,3 +57,29 @@ def test_worker_refuses_a_bad_broker_url_without_showing_its_password():
     result = run_cli("worker", "--broker", "amqp://user:s3cret@host//")
     assert result.returncode == 2 and "`broker` must be a Redis URL" in result.stderr
     assert "s3cret" not in result.stderr
+
+
+def test_without_the_cluster_extra_the_embedded_mode_works_and_broker_says_what_to_install(tmp_path):
+    # A `celery` that cannot be imported, first on the path: as if the extra were not installed.
+    blocked = tmp_path / "blocked"
+    (blocked / "celery").mkdir(parents=True)
+    (blocked / "celery" / "__init__.py").write_text("raise ImportError('celery is not installed')\n")
+    env = server_env()
+    env["PYTHONPATH"] = f"{blocked}:{env['PYTHONPATH']}"
+    probe = (
+        "from skyreels_local.cli import build_parser; build_parser(); "
+        "from skyreels_local.config import Settings; from skyreels_local.server.api import create_app; "
+        "create_app(Settings()); print('ok')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+    for args in (
+        ["worker", "--broker", "redis://127.0.0.1:1/0"],
+        ["serve", "--broker", "redis://127.0.0.1:1/0"],
+    ):
+        result = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 2 and "pip install 'skyreels-local[cluster]'" in result.stderr, (
+            result.stderr
+        )
