@@ -192,8 +192,8 @@ class Settings(BaseSettings):
     cluster_heartbeat_s: float = Field(
         default=5.0,
         gt=0,
-        description="with --broker: a worker's heartbeat period; one silent for 4 of them is lost and its "
-        "job is dispatched again (an attempt)",
+        description="with --broker: a worker's heartbeat period; a job whose worker is silent for about 6 "
+        "of them is dispatched again (an attempt)",
     )
     broker_visibility_timeout_s: float | None = Field(
         default=None,

@@ -203,6 +203,17 @@ def test_progress_marks_the_job_started_and_an_old_tokens_outcome_is_ignored(dis
     assert r.get(dispatcher._app.backend.get_key_for_task(p.task_id(pid, token))) is None  # result read once
 
 
+def test_celerys_started_state_already_marks_the_job_taken(dispatcher_of, r):
+    dispatcher = dispatcher_of()
+    pid = submit(dispatcher.db)
+    dispatcher.cycle()
+    token = dispatcher.db.predictions.get(pid).claim
+    report(dispatcher, pid, token, "STARTED", {"hostname": "w7@gpu-host", "pid": 42})
+    dispatcher.cycle()
+    job = dispatcher.db.predictions.get(pid)
+    assert (job.status, job.worker_id, job.attempts) == (JobStatus.PROCESSING, "w7", 1)
+
+
 def start_on(dispatcher, r, pid: str, worker: str = "w1") -> str:
     dispatcher.cycle()
     token = dispatcher.db.predictions.get(pid).claim
@@ -347,7 +358,7 @@ def test_a_worker_drops_stale_dispatches_and_two_deliveries_never_run_at_once(wo
     waiter = threading.Thread(target=lambda: got.append(two.admit("job", "t3")))
     waiter.start()
     time.sleep(0.6)
-    assert got == []
+    assert got == [] and two.beat.job_id == "job"  # its heartbeat shows the job it waits for
     one.release("job")
     waiter.join(timeout=5)
     assert got == ["run"] and r.get(p.lease_key("job")) == b"t3 w2"

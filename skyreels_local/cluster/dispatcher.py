@@ -8,8 +8,9 @@ The job table stays the single source of truth; this thread is the only writer o
    (-> `processing`, an attempt), its progress, or its outcome (the MP4 is written under
    outputs/ atomically, then the outcome recorded guarded by the dispatch token, so a job never
    completes twice); a job past --job-timeout-s fails with 5004; a cancel sets cancel:<id>.
-2. A running job whose worker's heartbeat stopped showing it for 4 heartbeats (killed, host
-   gone, restarted) is dispatched again under a new token (an attempt; --max-attempts applies).
+2. A running job whose worker's heartbeat stopped showing it (killed: its key expires after 4
+   heartbeats; host gone; restarted), for 2 more heartbeats, is dispatched again under a new
+   token (an attempt; --max-attempts applies).
 3. Jobs that ended in the table while dispatched (cancelled while queued, deleted) get their
    marker deleted, cancel:<id> set and their task revoked: a worker drops or stops them.
 4. Reconcile (every few seconds): a dispatch whose marker is gone (Redis restarted without AOF)
@@ -64,7 +65,10 @@ class Dispatcher:
         self.outputs = outputs
         self.key = p.model_key(settings.model)
         self.queue = p.queue_name(self.key)
-        self.lost_after_s = float(p.beat_ttl_s(settings.cluster_heartbeat_s))
+        # After the heartbeat key expired (4 beats), 2 more beats of grace: a job that ends while
+        # its worker already beats `idle` has its outcome stored within milliseconds, and after a
+        # Redis restart without AOF the live workers' keys come back with their next beat.
+        self.lost_after_s = max(1.0, 2 * settings.cluster_heartbeat_s)
         self.reconcile_s = min(RECONCILE_S, max(1.0, settings.cluster_heartbeat_s))
         self._app: Any = None
         self._redis: Any = None
@@ -194,8 +198,11 @@ class Dispatcher:
                 self.remote.mark_started(job.id, token, worker_id="?")
             self._redispatch(job, f"its worker failed: {str(info)[:300]}")
             return
-        if state == "PROGRESS" and isinstance(info, dict):
-            worker = str(info.get("worker", ""))
+        if state in ("STARTED", "PROGRESS") and isinstance(info, dict):
+            # STARTED is Celery's own (task_track_started: {"hostname": "<worker id>@<host>"}),
+            # PROGRESS the worker's: either way a worker took it, and from now on its heartbeat
+            # must show it (the lost-worker check).
+            worker = str(info.get("worker") or str(info.get("hostname", "")).partition("@")[0])
             if job.status == JobStatus.CREATED:
                 self.remote.mark_started(
                     job.id, token, worker_id=worker, profile=str(info.get("profile", "")),
@@ -203,7 +210,8 @@ class Dispatcher:
                 )  # fmt: skip
                 log.info("prediction %s: started on remote worker %s", job.id, worker)
                 return
-            self.db.predictions.set_progress(job.id, token, float(info.get("fraction", 0.0)))
+            if state == "PROGRESS":
+                self.db.predictions.set_progress(job.id, token, float(info.get("fraction", 0.0)))
         if job.status != JobStatus.PROCESSING:
             return
         if job.cancel_requested and job.id not in self._cancel_sent:
@@ -225,7 +233,7 @@ class Dispatcher:
             self._end(job.id, cancel=True)
 
     def _check_alive(self, job: Job, now: float) -> None:
-        """A running job whose worker's heartbeat has not shown it for 4 heartbeats is lost."""
+        """A running job that its worker's heartbeat has not shown for lost_after_s is lost."""
         beat = next((b for b in self.workers if b.id == job.worker_id), None)
         if beat is not None and beat.job_id == job.id and beat.token == job.claim:
             self._missing_since.pop(job.id, None)

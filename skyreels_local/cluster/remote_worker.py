@@ -163,24 +163,33 @@ class RemoteWorker:
         """`run` once the lease is ours; else cancelled | stale | duplicate (not to be run here)."""
         lease = p.lease_key(prediction_id)
         value = f"{token} {self.worker_id}"
-        while True:
+        verdict = ""
+        while not verdict:
             cancelled, marker = self.redis.mget(p.cancel_key(prediction_id), p.dispatch_key(prediction_id))
             if cancelled:
-                return p.CANCELLED
-            if marker is None or marker.decode() != token:
-                return p.STALE
-            if self.redis.set(lease, value, nx=True, ex=self.ttl_s):
+                verdict = p.CANCELLED
+            elif marker is None or marker.decode() != token:
+                verdict = p.STALE
+            elif self.redis.set(lease, value, nx=True, ex=self.ttl_s):
                 with self._lock:
                     self._lease = (lease, value)
                     self._job_started = time.monotonic()
                 self._set(state="busy", job_id=prediction_id, token=token)
                 return "run"
-            held = self.redis.get(lease)
-            if held is not None and held.decode().split(" ", 1)[0] == token:
-                return "duplicate"  # this very dispatch runs elsewhere (a redelivered message)
-            # An older dispatch of this prediction still runs somewhere; it stops at its next step
-            # (the marker changed), or its lease expires with its worker.
-            time.sleep(LEASE_WAIT_S)
+            else:
+                held = self.redis.get(lease)
+                if held is not None and held.decode().split(" ", 1)[0] == token:
+                    verdict = "duplicate"  # this very dispatch runs elsewhere (a redelivered message)
+                else:
+                    # An older dispatch of this prediction still runs somewhere; it stops at its
+                    # next step (the marker changed), or its lease expires with its worker. The
+                    # heartbeat shows this job meanwhile: the dispatcher knows we hold it.
+                    if self.beat.job_id != prediction_id:
+                        self._set(state="busy", job_id=prediction_id, token=token)
+                    time.sleep(LEASE_WAIT_S)
+        if self.beat.job_id == prediction_id:
+            self._set(state="ready", job_id=None, token=None)
+        return verdict
 
     def release(self, prediction_id: str) -> None:
         with self._lock:
