@@ -391,3 +391,23 @@ def test_the_watchdog_ends_a_process_whose_job_hangs_past_the_timeout(worker_of,
     worker._job_started -= 1.0 + 60.0 + 1
     worker._watchdog()
     assert exits == [75]
+
+
+def test_the_servers_start_up_recovery_leaves_remote_jobs_alone(dispatcher_of, r, redis_server, tmp_path):
+    from skyreels_local.server.supervisor import WorkerSupervisor
+
+    dispatcher = dispatcher_of()
+    db = dispatcher.db
+    pid = submit(db)
+    token = start_on(dispatcher, r, pid)
+    queued = submit(db)
+    dispatcher.cycle()
+    # A local worker row left by an earlier embedded run, dead: the start-up recovery runs.
+    db.workers.register("w0", pid=2**22 + 12345, device="cpu")
+    supervisor = WorkerSupervisor(make_settings(redis_server, tmp_path), db)  # --broker: no local workers
+    assert supervisor.workers == []
+    supervisor.start()
+    supervisor.stop()
+    job = db.predictions.get(pid)
+    assert (job.status, job.claim, job.worker_id, job.attempts) == (JobStatus.PROCESSING, token, "w1", 1)
+    assert db.predictions.get(queued).claim is not None  # still dispatched, not re-queued

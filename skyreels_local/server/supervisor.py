@@ -73,8 +73,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def plan_workers(settings: Settings) -> list[WorkerSpec]:
-    if settings.workers == 0:
-        return []
+    if settings.workers == 0 or (settings.broker and not settings.workers):
+        return []  # with --broker, jobs go to remote workers (cluster/dispatcher.py)
     if settings.gpus_per_video > 1:
         return plan_groups(settings)
     if settings.device:
