@@ -11,6 +11,8 @@ Redis killed -9 with and without AOF, the API killed -9), then a second API with
 from __future__ import annotations
 
 import signal
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -127,6 +129,17 @@ def test_eight_jobs_from_the_wavespeed_client_complete_on_both_workers(cluster, 
     per_worker = {name: set(ids) & set(w.completed()) for name, w in cluster.workers.items()}
     assert sorted(cluster.completions()) == sorted(ids)
     assert all(per_worker.values()), per_worker
+    # /ready (with a key) shows each remote worker: host, device, model, idle/busy, last seen.
+    ready = httpx.get(cluster.api.base_url + "/ready", headers=auth(cluster.api)).json()["data"]
+    remote = {w["id"]: w for w in ready["workers"] if w.get("remote")}
+    assert set(remote) == {"gpu-a", "gpu-b"} and ready["broker"] == {"connected": True, "error": None}
+    for worker in remote.values():
+        assert (worker["host"], worker["device"], worker["model_key"]) == (
+            socket.gethostname(),
+            "cpu",
+            "tiny-random",
+        )
+        assert worker["state"] in ("ready", "busy") and time.time() - worker["last_seen"] < 10
     # /metrics names both remote workers with their host, device and state.
     text = httpx.get(cluster.api.base_url + "/metrics").text
     assert 'skyreels_remote_worker_last_seen_seconds{device="cpu"' in text
@@ -139,7 +152,10 @@ def test_cancel_of_a_queued_and_of_a_running_remote_job(cluster):
     queued = cluster.submit(steps=2, prompt="queued")
     for pid in running:
         cluster.api.wait(pid, statuses=("processing",), timeout=60)
+    # The workers' progress reaches the table; the third job waits in the queue behind them.
+    wait_for(lambda: 0 < cluster.api.get(running[0])["progress"] < 1, 30, "progress of a remote job")
     assert cluster.api.get(queued)["status"] == "created"
+    assert cluster.api.get(queued)["queue_position"] == 1
     with cluster.api.client() as client:
         assert client.post(f"/api/v3/predictions/{queued}/cancel").json()["data"]["status"] == "cancelled"
         answer = client.post(f"/api/v3/predictions/{running[0]}/cancel").json()["data"]
@@ -179,8 +195,6 @@ def test_redis_killed_and_restarted_mid_queue_every_job_completes(cluster, appen
     cluster.api.wait(ids[0], statuses=("processing", "completed"), timeout=60)
     if appendonly:
         wait_for(lambda: cluster.redis.client().llen("skyreels.tiny-random") > 0, 10, "queued messages")
-        import time
-
         time.sleep(1.2)  # past appendfsync everysec: the queue is on disk
     cluster.redis.kill()
     cluster.redis.start(appendonly=appendonly)
@@ -220,8 +234,6 @@ def test_a_worker_of_another_model_never_takes_a_job(cluster, tmp_path):
     with running_server(tmp_path / "data", args=args, ready_path="/health") as other:
         assert httpx.get(other.base_url + "/ready").status_code == 503  # no worker of its model
         pid = other.submit({"prompt": "elsewhere", "image": data_uri(), "num_inference_steps": 2})["id"]
-        import time
-
         time.sleep(3)
         assert other.get(pid)["status"] == "created"
         right = start_worker(cluster.redis.url, tmp_path / "right", "weights-worker", model=str(weights))
