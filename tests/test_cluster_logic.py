@@ -311,7 +311,7 @@ def test_with_redis_down_jobs_wait_in_the_table_and_go_out_once_it_is_back(redis
         time.sleep(1.5)
         job = db.predictions.get(pid)
         assert (job.status, job.claim, dispatcher.connected) == (JobStatus.CREATED, None, False)
-        assert "Connection" in dispatcher.last_error
+        assert "Connection" in dispatcher.last_error and dispatcher.serving_workers() == []
         down.start()
         try:
             deadline = time.monotonic() + 20

@@ -118,6 +118,7 @@ class Dispatcher:
                 self.connected = False
                 if _is_connection_error(exc):
                     self._resync = True  # a marker or a message may not have reached Redis
+                    self.workers = []  # unknown while Redis is unreachable: /ready says 503
                 delay = min(max(delay * 2, 1.0), MAX_BACKOFF_S)
                 self.last_error = f"{exc.__class__.__name__}: {exc}"
                 log.warning("cluster dispatcher: %s; retrying in %.0fs", self.last_error, delay)
