@@ -55,11 +55,20 @@ def make_settings(redis_server, tmp_path, **extra) -> Settings:
     )
 
 
+@pytest.fixture(autouse=True)
+def fetches_finish_within_a_cycle(monkeypatch):
+    """A cycle waits for its image fetches (they return as soon as all are done): on a loaded
+    machine a data: URI may take longer than the dispatcher's 0.2 s."""
+    from skyreels_local.cluster import dispatcher
+
+    monkeypatch.setattr(dispatcher, "FETCH_WAIT_S", 10.0)
+
+
 @pytest.fixture
 def dispatcher_of(redis_server, tmp_path, r):
     made = []
 
-    def build(**extra):
+    def build(allow: list[str] = (), **extra):
         from skyreels_local.cluster.dispatcher import Dispatcher
 
         settings = make_settings(redis_server, tmp_path, **extra)
@@ -68,9 +77,9 @@ def dispatcher_of(redis_server, tmp_path, r):
         fetcher = ImageFetcher(
             uploads=UploadStore(paths.uploads, db.uploads, max_bytes=10**6),
             signer=UrlSigner("k" * 32),
-            policy=AddressPolicy([]),
+            policy=AddressPolicy(list(allow)),
             max_bytes=10**6,
-            timeout_s=2,
+            timeout_s=5,
         )
         dispatcher = Dispatcher(settings, db, fetcher=fetcher, outputs=paths.outputs)
         dispatcher.connect()
@@ -156,6 +165,31 @@ def test_an_image_that_cannot_be_fetched_fails_the_job_with_1402(dispatcher_of, 
     job = dispatcher.db.predictions.get(pid)
     assert (job.status, job.code, job.attempts) == (JobStatus.FAILED, 1402, 1)
     assert "10.1.2.3" in job.error and queued_task_ids(r) == []
+
+
+def test_a_slow_image_url_holds_up_neither_other_jobs_nor_outcomes(dispatcher_of, r, monkeypatch):
+    from api_server import local_site
+
+    from skyreels_local.cluster import dispatcher as module
+
+    with local_site() as site:
+        site.files["slow.png"] = png_bytes()
+        site.drip_s["slow.png"] = 0.7  # 223 bytes, 100 at a time: about 2 s
+        dispatcher = dispatcher_of(allow=["127.0.0.1"])
+        monkeypatch.setattr(module, "FETCH_WAIT_S", 0.2)
+        slow = submit(dispatcher.db, image=f"{site.url}/slow.png")
+        fast = submit(dispatcher.db)
+        started = time.monotonic()
+        dispatcher.cycle()
+        assert time.monotonic() - started < 1.0
+        assert dispatcher.db.predictions.get(slow).claim is None  # still downloading
+        if dispatcher.db.predictions.get(fast).claim is None:  # a very loaded machine: one more cycle
+            dispatcher.cycle()
+        assert queued_task_ids(r) == [f"{fast}.{dispatcher.db.predictions.get(fast).claim}"]
+        deadline = time.monotonic() + 20
+        while dispatcher.db.predictions.get(slow).claim is None and time.monotonic() < deadline:
+            dispatcher.cycle()
+        assert len(queued_task_ids(r)) == 2 and queued_task_ids(r)[1].startswith(slow)
 
 
 def test_reconcile_resends_a_queued_job_whose_marker_is_gone(dispatcher_of, r):

@@ -18,8 +18,9 @@ The job table stays the single source of truth; this thread is the only writer o
    every queued dispatch is re-sent under a fresh token, since its message may be lost (an API
    killed between the marker and the send, the last second of an AOF); the old message, if it
    survived, is dropped by the worker's stale-token check.
-5. Send new jobs: fetch the input image (media/fetch.py; failure -> 1402 as a local worker
-   would), assign a fresh token, write the marker, send the task to the model key's queue.
+5. Send new jobs: fetch the input image on a few fetch threads (media/fetch.py; failure -> 1402
+   as a local worker would), then assign a fresh token, write the marker, send the task to the
+   model key's queue. (Re-sends fetch on the dispatcher's thread: they are rare.)
 
 Redis down: submits are still accepted (the table) and the cycle is retried with backoff.
 Only jobs the API accepted (authenticated) are ever in the table, so only those are sent.
@@ -34,6 +35,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.25
 MAX_BACKOFF_S = 30.0
 RECONCILE_S = 5.0
-SEND_BATCH = 50  # new jobs sent per cycle (a long queue goes out over a few cycles)
+FETCHERS = 4  # input images fetched at once, off the dispatcher's thread (a URL can take 30 s)
+FETCH_AHEAD = 16  # new jobs being fetched at a time (a long queue goes out over a few cycles)
+FETCH_WAIT_S = 0.2  # a cycle waits this long for fresh fetches (data: URIs, uploads: milliseconds)
 
 
 def new_token() -> str:
@@ -74,6 +78,8 @@ class Dispatcher:
         self._redis: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cluster-dispatcher", daemon=True)
+        self._fetch_pool = ThreadPoolExecutor(FETCHERS, thread_name_prefix="cluster-fetch")
+        self._fetching: dict[str, tuple[Job, Future]] = {}  # new jobs whose image is being fetched
         self._tracked: dict[str, str] = {}  # prediction id -> token, of the jobs in flight last cycle
         self._cancel_sent: set[str] = set()
         self._missing_since: dict[str, float] = {}
@@ -106,6 +112,7 @@ class Dispatcher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         delay = POLL_S
@@ -404,23 +411,43 @@ class Dispatcher:
     # --- sending -----------------------------------------------------------------------------
 
     def _dispatch_new(self) -> None:
-        for job in self.remote.undispatched(SEND_BATCH):
+        """Fetch the images of new jobs on the fetch threads, and send each job once its image is
+        in: a slow image URL holds up neither the other jobs nor the outcomes."""
+        for job in self.remote.undispatched(FETCH_AHEAD):
+            if job.id not in self._fetching and len(self._fetching) < FETCH_AHEAD:
+                self._fetching[job.id] = (job, self._fetch_pool.submit(self._fetch_png, job))
+        if self._fetching:
+            wait(
+                [future for _, future in self._fetching.values()],
+                timeout=FETCH_WAIT_S,
+                return_when=ALL_COMPLETED,
+            )
+        for prediction_id, (job, future) in list(self._fetching.items()):
             if self._stop.is_set():
                 return
+            if not future.done():
+                continue
+            del self._fetching[prediction_id]
             token = new_token()
-            if self.remote.assign(job.id, token):
-                self._send(job, token)
+            if self.remote.assign(job.id, token):  # not if cancelled or deleted meanwhile
+                self._send(job, token, fetched=future)
 
-    def _send(self, job: Job, token: str) -> None:
-        """Fetch the image, write the marker, send the task. The table already holds `token`, so
-        a failure after this point is caught by the reconcile (no marker) or the resync."""
+    def _send(self, job: Job, token: str, *, fetched: Future | None = None) -> None:
+        """Fetch the image (unless `fetched`), write the marker, send the task. The table already
+        holds `token`, so a failure after this point is caught by the reconcile (no marker) or
+        the resync."""
         try:
-            image_png = self._fetch_png(job)
-        except SkyreelsError as exc:
+            image_png = fetched.result() if fetched is not None else self._fetch_png(job)
+        except Exception as exc:
             # As a local worker would: the job started (an attempt) and failed with 1402.
+            code, message = (
+                (int(exc.task_code), exc.message)
+                if isinstance(exc, SkyreelsError)
+                else (int(TaskCode.MEDIA_ACCESS_FAILED), f"cannot read the input image: {exc}")
+            )
             self.remote.mark_started(job.id, token, worker_id="dispatcher")
-            self.db.predictions.fail(job.id, token, code=exc.task_code, error=exc.message)
-            log.warning("prediction %s: failed (%d): %s", job.id, exc.task_code, exc.message)
+            self.db.predictions.fail(job.id, token, code=code, error=message)
+            log.warning("prediction %s: failed (%d): %s", job.id, code, message)
             return
         payload = p.TaskPayload(
             prediction_id=job.id,
