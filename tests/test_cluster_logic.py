@@ -141,6 +141,17 @@ def test_a_payload_and_an_outcome_survive_json():
     assert p.Outcome.from_json("garbage").status == p.FAILED
 
 
+def test_a_tls_url_passes_through_and_verifies_the_certificate_by_default():
+    from skyreels_local.cluster.celery_app import celery_url, make_celery
+
+    assert celery_url("redis://:pw@h:6379/0") == "redis://:pw@h:6379/0"
+    assert celery_url("rediss://:pw@h:6380/0") == "rediss://:pw@h:6380/0?ssl_cert_reqs=required"
+    given = "rediss://h:6380/0?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem"
+    assert celery_url(given) == given
+    app = make_celery(Settings(broker="rediss://:pw@127.0.0.1:1/0"))
+    assert app.backend.connparams["ssl_cert_reqs"] is not None  # Celery would refuse it without
+
+
 # --- the dispatcher --------------------------------------------------------------------------
 
 

@@ -30,6 +30,15 @@ def visibility_timeout_s(settings: Settings) -> float:
     return settings.job_timeout_s + VISIBILITY_MARGIN_S
 
 
+def celery_url(url: str) -> str:
+    """The broker URL as given, but a `rediss://` one without `ssl_cert_reqs` (which Celery
+    refuses) gets `ssl_cert_reqs=required`: redis-py's own default, the server's certificate is
+    verified (CA: `&ssl_ca_certs=/path/ca.pem`; `ssl_cert_reqs=none` turns the check off)."""
+    if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
+        return url + ("&" if "?" in url else "?") + "ssl_cert_reqs=required"
+    return url
+
+
 def make_celery(settings: Settings) -> Celery:
     """The app for `settings.broker` (redis://, rediss:// or unix:// URLs, passed through as is)."""
     try:
@@ -37,7 +46,8 @@ def make_celery(settings: Settings) -> Celery:
     except ImportError as exc:
         raise ClusterUnavailableError("--broker needs Celery: pip install 'skyreels-local[cluster]'") from exc
     assert settings.broker, "make_celery needs settings.broker"
-    app = Celery("skyreels_local", broker=settings.broker, backend=settings.broker, set_as_current=False)
+    url = celery_url(settings.broker)
+    app = Celery("skyreels_local", broker=url, backend=url, set_as_current=False)
     transport = {
         # An unacknowledged task (taken by a worker) is handed to another worker only after this:
         # it must exceed the longest job, or a job still running would start a second time. A
