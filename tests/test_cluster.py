@@ -10,6 +10,7 @@ Redis killed -9 with and without AOF, the API killed -9), then a second API with
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
@@ -169,6 +170,29 @@ def test_cancel_of_a_queued_and_of_a_running_remote_job(cluster):
     after = [cluster.submit(steps=2) for _ in range(2)]
     assert all(job["status"] == "completed" for job in cluster.wait_all(after).values())
     assert cluster.db().predictions.get(queued).status == "cancelled"
+
+
+def test_a_stale_message_is_dropped_and_acknowledged_not_left_for_redelivery(cluster):
+    # What Redis redelivers after the visibility timeout, or an API re-sent: an old token.
+    from skyreels_local.cluster import protocol
+    from skyreels_local.cluster.celery_app import make_celery
+    from skyreels_local.config import Settings
+
+    app = make_celery(Settings(broker=cluster.redis.url))
+    client = cluster.redis.client()
+    client.set(protocol.dispatch_key("stale-job"), "new-token")
+    payload = protocol.TaskPayload("stale-job", "old-token", {"prompt": "x"}, b"", 30.0)
+    app.send_task(protocol.TASK_NAME, args=[payload.to_json()], task_id="stale-job.old-token",
+                  queue="skyreels.tiny-random", exchange="", routing_key="skyreels.tiny-random")  # fmt: skip
+    dropped = "prediction stale-job: dispatch old-token is stale; dropped without running"
+    wait_for(
+        lambda: any(dropped in w.log() for w in cluster.workers.values()), 30, "the stale message dropped"
+    )
+    wait_for(lambda: client.hlen("unacked") == 0, 10, "the stale message to be acknowledged")
+    assert client.llen("skyreels.tiny-random") == 0
+    meta = client.get(app.backend.get_key_for_task("stale-job.old-token"))
+    assert meta is None or json.loads(meta)["status"] == "STARTED"  # no outcome stored for it
+    client.delete(protocol.dispatch_key("stale-job"))
 
 
 def test_a_worker_killed_mid_job_its_job_completes_on_the_other(cluster):

@@ -66,7 +66,9 @@ def make_celery(settings: Settings) -> Celery:
         # Acknowledge after the task ran, not on receipt: a worker killed mid-job leaves its
         # message unacknowledged, so Redis still holds it (default False loses the job).
         task_acks_late=True,
-        # If the pool process dies, requeue the message instead of failing it (default False).
+        # If a pool child dies, requeue its message instead of failing it (default False). With
+        # the solo pool there is no child: a dead worker process leaves its message unacknowledged
+        # (see the visibility timeout); set anyway, should a pool ever be configured.
         task_reject_on_worker_lost=True,
         # Take one task at a time: the default 4 would hoard three jobs behind a busy GPU.
         worker_prefetch_multiplier=1,
