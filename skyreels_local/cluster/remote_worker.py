@@ -105,13 +105,17 @@ class RemoteWorker:
             config_from_settings(self.settings),
             device=getattr(self.engine, "device", None) or self.settings.device,
         )
+        # `ready` once Celery consumes (consume()); which GPU: the engine's device, and the
+        # CUDA_VISIBLE_DEVICES it was started with (a GPU group's devices).
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         self._set(
-            state="ready",
+            device=self.settings.device or str(getattr(self.engine, "device", "") or "auto"),
             profile=str(getattr(self.engine, "profile", "") or ""),
             preset=str(getattr(self.engine, "preset", "") or ""),
+            extra={"cuda_visible_devices": visible} if visible is not None else {},
         )
         log.info(
-            "worker %s ready: model %s (key %s, queue %s), profile %s, preset %s",
+            "worker %s loaded: model %s (key %s, queue %s), profile %s, preset %s",
             self.worker_id, self.settings.model, self.beat.model_key, self.queue, self.beat.profile,
             self.beat.preset,
         )  # fmt: skip
@@ -123,6 +127,11 @@ class RemoteWorker:
         app = make_celery(self.settings)
         # Celery logs each task's return value at INFO: a base64 video. Our own lines say it all.
         logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+
+        from celery.signals import worker_ready
+
+        # Idle (`ready` in /ready and /metrics) only once Celery really consumes the queue.
+        worker_ready.connect(lambda **_: self._set(state="ready"), weak=False)
 
         @app.task(name=p.TASK_NAME, bind=True)
         def generate(task: Any, payload: dict[str, Any]) -> dict[str, Any]:
