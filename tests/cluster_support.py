@@ -166,6 +166,16 @@ def wait_worker_ready(worker: WorkerProcess, timeout: float = 180.0) -> None:
     wait_until(ready, timeout, lambda: f"worker {worker.worker_id} to consume:\n{worker.log()[-2000:]}")
 
 
+QUEUE = "skyreels.tiny-random"
+# kombu's Redis lists of one queue, by priority step (dispatcher: 0 = sent again, 3 = new).
+QUEUE_AGAIN, QUEUE_NEW = QUEUE, QUEUE + "\x06\x163"
+
+
+def queued_messages(client) -> int:
+    """Messages waiting in the tiny model's queue (both priority lists)."""
+    return client.llen(QUEUE_AGAIN) + client.llen(QUEUE_NEW)
+
+
 def cluster_args(redis_server: RedisServer, *extra: str) -> list[str]:
     return [
         "--broker", redis_server.url, "--workers", "0", "--cluster-heartbeat-s", str(HEARTBEAT_S), *extra,

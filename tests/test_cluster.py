@@ -33,6 +33,7 @@ from cluster_support import (
     RedisServer,
     WorkerProcess,
     cluster_args,
+    queued_messages,
     require_cluster_tools,
     start_redis,
     start_worker,
@@ -189,7 +190,7 @@ def test_a_stale_message_is_dropped_and_acknowledged_not_left_for_redelivery(clu
         lambda: any(dropped in w.log() for w in cluster.workers.values()), 30, "the stale message dropped"
     )
     wait_for(lambda: client.hlen("unacked") == 0, 10, "the stale message to be acknowledged")
-    assert client.llen("skyreels.tiny-random") == 0
+    assert queued_messages(client) == 0
     meta = client.get(app.backend.get_key_for_task("stale-job.old-token"))
     assert meta is None or json.loads(meta)["status"] == "STARTED"  # no outcome stored for it
     client.delete(protocol.dispatch_key("stale-job"))
@@ -217,7 +218,7 @@ def test_redis_killed_and_restarted_mid_queue_every_job_completes(cluster, appen
     ids = [cluster.submit(steps=4, prompt=f"redis {i}") for i in range(6)]
     cluster.api.wait(ids[0], statuses=("processing", "completed"), timeout=60)
     if appendonly:
-        wait_for(lambda: cluster.redis.client().llen("skyreels.tiny-random") > 0, 10, "queued messages")
+        wait_for(lambda: queued_messages(cluster.redis.client()) > 0, 10, "queued messages")
         time.sleep(1.2)  # past appendfsync everysec: the queue is on disk
     cluster.redis.kill()
     ids.append(cluster.submit(steps=2, prompt="while Redis is down"))  # accepted: the table decides
@@ -237,7 +238,7 @@ def test_api_killed_and_restarted_with_jobs_queued_all_complete_once(cluster):
     # 9 jobs of 1.5 s+ on (up to) 3 workers: the queue is still full when the API comes back.
     ids = [cluster.submit(steps=15, prompt=f"restart {i}") for i in range(9)]
     cluster.api.wait(ids[0], statuses=("processing",), timeout=60)
-    wait_for(lambda: cluster.redis.client().llen("skyreels.tiny-random") >= 4, 10, "jobs queued in Celery")
+    wait_for(lambda: queued_messages(cluster.redis.client()) >= 4, 10, "jobs queued in Celery")
     stop_server(cluster.api, sig=signal.SIGKILL)
     cluster.start_api()
     wait_ready(cluster.api)

@@ -4,6 +4,7 @@ dispatcher's cycle driven by hand over a real job table, and a remote worker's a
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from skyreels_local.paths import DataPaths
 pytestmark = pytest.mark.integration  # starts a redis-server process
 
 QUEUE = "skyreels.tiny-random"
+QUEUE_AGAIN, QUEUE_NEW = QUEUE, QUEUE + "\x06\x163"
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +109,13 @@ def submit(db: Database, image: str | None = None) -> str:
 
 
 def queued_task_ids(r) -> list[str]:
-    """The task ids in the queue's Redis list, oldest first (kombu LPUSHes, workers BRPOP)."""
-    return [json.loads(raw)["headers"]["id"] for raw in reversed(r.lrange(QUEUE, 0, -1))]
+    """The task ids queued, in the order workers take them: kombu keeps one Redis list per
+    priority step (sent again: step 0, first; new: step 3), LPUSHes and BRPOPs (oldest first)."""
+    return [
+        json.loads(raw)["headers"]["id"]
+        for key in (QUEUE_AGAIN, QUEUE_NEW)
+        for raw in reversed(r.lrange(key, 0, -1))
+    ]
 
 
 def report(dispatcher, prediction_id: str, token: str, state: str, result: dict) -> None:
@@ -163,8 +170,13 @@ def test_a_new_job_is_sent_under_a_fresh_token_after_its_marker(dispatcher_of, r
     assert job.status == JobStatus.CREATED and job.claim  # waits in the Celery queue
     assert r.get(p.dispatch_key(pid)).decode() == job.claim
     assert queued_task_ids(r) == [f"{pid}.{job.claim}"]
-    body = json.loads(r.lrange(QUEUE, 0, 0)[0])
-    assert body["headers"]["task"] == p.TASK_NAME
+    body = json.loads(r.lrange(QUEUE_NEW, 0, 0)[0])
+    assert body["headers"]["task"] == p.TASK_NAME and body["properties"]["priority"] == 3
+    assert body["properties"]["body_encoding"] == "base64"  # kombu's Redis envelope
+    args, _kwargs, _options = json.loads(base64.b64decode(body["body"]))
+    payload = p.TaskPayload.from_json(args[0])
+    assert (payload.prediction_id, payload.token) == (pid, job.claim)
+    assert payload.image_png.startswith(b"\x89PNG")  # the API fetched and sends it
     dispatcher.cycle()  # nothing sent twice
     assert len(queued_task_ids(r)) == 1
 
@@ -213,7 +225,8 @@ def test_reconcile_resends_a_queued_job_whose_marker_is_gone(dispatcher_of, r):
     dispatcher.cycle()
     second = dispatcher.db.predictions.get(pid).claim
     assert second != first and r.get(p.dispatch_key(pid)).decode() == second
-    assert queued_task_ids(r) == [f"{pid}.{first}", f"{pid}.{second}"]  # the old one will be dropped
+    # Sent again ahead of the new jobs; the old message will be dropped (stale token).
+    assert queued_task_ids(r) == [f"{pid}.{second}", f"{pid}.{first}"]
 
 
 def test_progress_marks_the_job_started_and_an_old_tokens_outcome_is_ignored(dispatcher_of, r):
@@ -236,7 +249,7 @@ def test_progress_marks_the_job_started_and_an_old_tokens_outcome_is_ignored(dis
     dispatcher.cycle()
     assert dispatcher.db.predictions.get(pid).progress == pytest.approx(0.4)
     video = b"\x00\x00\x00\x20ftypisom-a-video"
-    outcome = p.Outcome(status=p.COMPLETED, worker="w1", video_b64=__import__("base64").b64encode(video).decode(),
+    outcome = p.Outcome(status=p.COMPLETED, worker="w1", video_b64=base64.b64encode(video).decode(),
                         execution_ms=1200, inference_ms=900, steps=2, seed=7)  # fmt: skip
     report(dispatcher, pid, token, "SUCCESS", outcome.to_json())
     dispatcher.cycle()
@@ -273,6 +286,8 @@ def test_a_job_whose_worker_stops_beating_is_dispatched_again_until_max_attempts
     dispatcher = dispatcher_of(max_attempts=2)
     pid = submit(dispatcher.db)
     token = start_on(dispatcher, r, pid)
+    newer = submit(dispatcher.db)
+    dispatcher.cycle()
     r.delete(p.worker_key("w1"))  # killed: its heartbeat key expires
     dispatcher.cycle()
     assert dispatcher.db.predictions.get(pid).status == JobStatus.PROCESSING  # not yet: grace
@@ -281,7 +296,9 @@ def test_a_job_whose_worker_stops_beating_is_dispatched_again_until_max_attempts
     job = dispatcher.db.predictions.get(pid)
     assert (job.status, job.attempts, job.worker_id) == (JobStatus.CREATED, 1, None)
     assert job.claim != token and r.get(p.dispatch_key(pid)).decode() == job.claim
-    assert queued_task_ids(r)[-1] == f"{pid}.{job.claim}"
+    # It goes ahead of the job submitted after it, as a re-queued local job keeps its place.
+    newer_task = f"{newer}.{dispatcher.db.predictions.get(newer).claim}"
+    assert queued_task_ids(r)[:1] + queued_task_ids(r)[-1:] == [f"{pid}.{job.claim}", newer_task]
     start_on(dispatcher, r, pid, worker="w2")
     beat(r, "w2", None, None)  # restarted under the same id: alive, but no longer running it
     dispatcher.cycle()

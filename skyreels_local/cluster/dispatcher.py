@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 POLL_S = 0.25
 MAX_BACKOFF_S = 30.0
 RECONCILE_S = 5.0
+# Redis priorities (kombu keeps one list per step and workers pop step 0 first): a job sent
+# again (its worker lost, its message lost) goes ahead of the new ones, as a local job that
+# is re-queued keeps its place in the table's order.
+AGAIN_PRIORITY = 0
+NEW_PRIORITY = 3
 FETCHERS = 4  # input images fetched at once, off the dispatcher's thread (a URL can take 30 s)
 FETCH_AHEAD = 16  # new jobs being fetched at a time (a long queue goes out over a few cycles)
 FETCH_WAIT_S = 0.2  # a cycle waits this long for fresh fetches (data: URIs, uploads: milliseconds)
@@ -271,7 +276,7 @@ class Dispatcher:
             log.warning(
                 "prediction %s: %s; dispatched again (%d attempts so far)", job.id, reason, full.attempts
             )
-            self._send(full, token)
+            self._send(full, token, again=True)
 
     # --- outcomes ----------------------------------------------------------------------------
 
@@ -396,7 +401,7 @@ class Dispatcher:
             log.warning("prediction %s: %s; dispatched again", job.id, reason)
         full = self.db.predictions.get_full(job.id)
         if full is not None:
-            self._send(full, token)
+            self._send(full, token, again=True)
 
     def _sweep_stray_markers(self) -> None:
         """Markers of this table's jobs that ended while the API was down (markers of unknown
@@ -432,7 +437,7 @@ class Dispatcher:
             if self.remote.assign(job.id, token):  # not if cancelled or deleted meanwhile
                 self._send(job, token, fetched=future)
 
-    def _send(self, job: Job, token: str, *, fetched: Future | None = None) -> None:
+    def _send(self, job: Job, token: str, *, fetched: Future | None = None, again: bool = False) -> None:
         """Fetch the image (unless `fetched`), write the marker, send the task. The table already
         holds `token`, so a failure after this point is caught by the reconcile (no marker) or
         the resync."""
@@ -468,6 +473,7 @@ class Dispatcher:
             # restart without AOF could lose.
             exchange="",
             routing_key=self.queue,
+            priority=AGAIN_PRIORITY if again else NEW_PRIORITY,
             retry=False,  # a Redis error reaches the cycle's backoff (and the resync) at once
         )
         log.info("prediction %s: sent to queue %s", job.id, self.queue)
