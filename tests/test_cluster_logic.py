@@ -177,6 +177,7 @@ def test_a_new_job_is_sent_under_a_fresh_token_after_its_marker(dispatcher_of, r
     payload = p.TaskPayload.from_json(args[0])
     assert (payload.prediction_id, payload.token) == (pid, job.claim)
     assert payload.image_png.startswith(b"\x89PNG")  # the API fetched and sends it
+    assert payload.params["image"] is None and payload.params["num_inference_steps"] == 2  # once, not twice
     dispatcher.cycle()  # nothing sent twice
     assert len(queued_task_ids(r)) == 1
 

@@ -10,7 +10,7 @@ The job table stays the single source of truth; this thread is the only writer o
    completes twice); a job past --job-timeout-s fails with 5004; a cancel sets cancel:<id>.
 2. A running job whose worker's heartbeat stopped showing it (killed: its key expires after 4
    heartbeats; host gone; restarted), for 2 more heartbeats, is dispatched again under a new
-   token (an attempt; --max-attempts applies).
+   token (an attempt; --max-attempts applies), ahead of the new jobs in the queue.
 3. Jobs that ended in the table while dispatched (cancelled while queued, deleted) get their
    marker deleted, cancel:<id> set and their task revoked: a worker drops or stops them.
 4. Reconcile (every few seconds): a dispatch whose marker is gone (Redis restarted without AOF)
@@ -457,7 +457,8 @@ class Dispatcher:
         payload = p.TaskPayload(
             prediction_id=job.id,
             token=token,
-            params=job.params,
+            # The image travels once, fetched and checked: not its URL or data: URI again.
+            params={**job.params, "image": None},
             image_png=image_png,
             job_timeout_s=self.settings.job_timeout_s,
         )
