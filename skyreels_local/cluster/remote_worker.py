@@ -127,6 +127,12 @@ class RemoteWorker:
         app = make_celery(self.settings)
         # Celery logs each task's return value at INFO: a base64 video. Our own lines say it all.
         logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+        # Celery warns at each broker reconnect that Celery 6 cancels running tasks on connection
+        # loss; we keep them on purpose (celery_app.py) and pin celery < 6.
+        # (Celery's worker re-enables its warnings at start, so the log record is what is dropped.)
+        logging.getLogger("py.warnings").addFilter(
+            lambda record: "worker_cancel_long_running_tasks_on_connection_loss" not in record.getMessage()
+        )
 
         from celery.signals import worker_ready
 
