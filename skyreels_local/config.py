@@ -194,6 +194,25 @@ class Settings(BaseSettings):
         description="a worker encodes the next queued job's prompts while the current one denoises "
         "(or, when the text encoders are offloaded, between jobs), so the next job starts denoising at once",
     )
+    # --- several machines (skyreels_local/cluster, README "Several machines") -----------------
+    broker: str | None = Field(
+        default=None,
+        description="Redis URL of the Celery broker (redis://[:PASSWORD@]HOST:PORT/DB, rediss:// for TLS; "
+        "keep Redis private): serve hands jobs to `skyreels-local worker` processes on any host "
+        "(--workers then defaults to 0); worker takes them",
+    )
+    cluster_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="with --broker: a worker's heartbeat period; a job whose worker is silent for about 6 "
+        "of them is dispatched again (an attempt)",
+    )
+    broker_visibility_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="with --broker: Redis redelivers a task taken by a worker that vanished (host down) "
+        "after this; must exceed the longest job; default --job-timeout-s + 600",
+    )
     engine_factory: str | None = Field(
         default=None,
         description="advanced: `module:function(settings, device)` returning an Engine; default loads --model",

@@ -26,11 +26,20 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     # The NSFW checker runs in the worker (and `generate`), which record its verdicts and counts
     # in the job table: it knows neither of them, nor the HTTP process, nor the video model.
     "safety": ("server", "worker", "cli", "jobs", "engine", "bench"),
+    # Several machines: the dispatcher (in the HTTP process) and the remote worker (GPU side).
+    "cluster": ("server", "cli", "bench"),
 }
 # Third-party packages the HTTP process must not import at module level either.
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 # Outside server/, what the HTTP process imports at module level too: held to the same rule.
-HTTP_SIDE = ("safety/__init__.py", "safety/policy.py")
+HTTP_SIDE = (
+    "safety/__init__.py",
+    "safety/policy.py",
+    "cluster/__init__.py",
+    "cluster/protocol.py",
+    "cluster/celery_app.py",
+    "cluster/dispatcher.py",
+)
 
 
 def skyreels_imports(path: Path) -> list[tuple[str, int]]:
@@ -108,3 +117,17 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(__import__(__name__), "PACKAGE_DIR", tmp_path / "skyreels_local")
     with pytest.raises(AssertionError, match="imports skyreels_local.engine.loader"):
         test_no_folder_imports_one_above_it("server")
+
+
+def test_the_http_side_of_the_cluster_never_imports_the_gpu_side() -> None:
+    """`serve --broker` imports the dispatcher and what it uses (protocol, celery_app); only
+    cluster/remote_worker.py (the `worker` command) may reach the worker and the engine."""
+    gpu_side = ("engine", "worker", "bench")
+    bad = [
+        f"{name_}:{line} imports {name}"
+        for name_ in HTTP_SIDE
+        if name_.startswith("cluster/")
+        for name, line in skyreels_imports(PACKAGE_DIR / name_)
+        if area_of(name) in gpu_side or name.startswith("skyreels_local.cluster.remote_worker")
+    ]
+    assert not bad, "\n".join(bad)

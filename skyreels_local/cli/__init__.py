@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _subcommands() -> list:
     modules = [generate]
     # Optional subcommands register themselves when their module exists.
-    for name in ("serve", "weights", "bench"):
+    for name in ("serve", "worker", "weights", "bench"):
         try:
             modules.append(__import__(f"{__name__}.{name}", fromlist=["register"]))
         except ModuleNotFoundError as exc:

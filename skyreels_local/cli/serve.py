@@ -136,6 +136,38 @@ def check_safety_checker(settings: Settings) -> None:
         raise ServeConfigError(f"--safety-checker / SKYREELS_SAFETY_CHECKER: {exc.message}") from None
 
 
+BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_broker_url(url: str) -> None:
+    if not url.startswith(BROKER_SCHEMES):
+        raise ServeConfigError(
+            f"--broker / SKYREELS_BROKER: `broker` must be a Redis URL (redis://[:PASSWORD@]HOST:PORT/DB, "
+            f"rediss:// for TLS, unix://), got {url.split('@')[-1]!r}"
+        )
+
+
+def with_broker_defaults(settings: Settings) -> Settings:
+    """With --broker every job goes to the remote workers (`skyreels-local worker`): no local
+    worker is started. Local GPUs join by running `skyreels-local worker --broker` on this host
+    too (one queue, shared fairly), so an explicit --workers N > 0 is refused rather than
+    running two schedulers over one table."""
+    if not settings.broker:
+        return settings
+    check_broker_url(settings.broker)
+    if settings.workers:
+        raise ServeConfigError(
+            f"--workers {settings.workers} with --broker: jobs go to `skyreels-local worker --broker ...` "
+            "processes; start those on this host for its GPUs (one per GPU, --device cuda:N)"
+        )
+    try:
+        import celery  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError:
+        raise ServeConfigError("--broker needs Celery: pip install 'skyreels-local[cluster]'") from None
+    return settings.model_copy(update={"workers": 0})
+
+
 def check_device(device: str) -> None:
     if not DEVICE_PATTERN.fullmatch(device):
         raise ServeConfigError(
@@ -178,7 +210,7 @@ def write_port_file(path: Path, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    settings = with_broker_defaults(settings_from_args(args))
     check_bind_policy(settings)
     check_startup(settings)
 

@@ -73,8 +73,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def plan_workers(settings: Settings) -> list[WorkerSpec]:
-    if settings.workers == 0:
-        return []
+    if settings.workers == 0 or (settings.broker and not settings.workers):
+        return []  # with --broker, jobs go to remote workers (cluster/dispatcher.py)
     if settings.gpus_per_video > 1:
         return plan_groups(settings)
     if settings.device:
@@ -158,6 +158,8 @@ class WorkerSupervisor:
         self._stop_workers()
 
     def _enforce_job_timeout(self) -> None:
+        if self.settings.broker:
+            return  # remote jobs: the cluster dispatcher enforces it (and tells their worker)
         timeout = self.settings.job_timeout_s
         for job in self.db.predictions.overdue_jobs(started_before=time.time() - timeout):
             error = (

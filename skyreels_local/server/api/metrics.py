@@ -37,6 +37,7 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily(
             "skyreels_workers_up", "Workers with a model loaded and a fresh heartbeat", value=up
         )
+        yield from cluster_metrics(self.services)
         yield CounterMetricFamily(
             "skyreels_worker_restarts",
             "Worker processes restarted after dying",
@@ -66,6 +67,27 @@ class ServerCollector(Collector):
             "skyreels_webhook_failures", "Failed webhook delivery attempts", value=hooks["failed_attempts"]
         )
         yield from safety_metrics(self.services.settings, counters)
+
+
+def cluster_metrics(services: Services) -> Iterator[Metric]:
+    """With --broker: each remote worker's last heartbeat (host, device, idle/busy), and whether
+    the dispatcher reaches the broker."""
+    cluster = services.cluster
+    if cluster is None:
+        return
+    seen = GaugeMetricFamily(
+        "skyreels_remote_worker_last_seen_seconds",
+        "Unix time of each live remote worker's last heartbeat, by host, device and state (ready = idle)",
+        labels=["worker", "host", "device", "model_key", "state"],
+    )
+    for beat in cluster.workers:
+        seen.add_metric([beat.id, beat.host, beat.device, beat.model_key, beat.state], beat.last_seen)
+    yield seen
+    yield GaugeMetricFamily(
+        "skyreels_broker_connected",
+        "1 while the dispatcher reaches the Redis broker",
+        value=int(cluster.connected),
+    )
 
 
 def safety_metrics(settings: Settings, counters: dict[str, float]) -> Iterator[Metric]:

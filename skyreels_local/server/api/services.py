@@ -133,15 +133,34 @@ class Services:
             backoff_base_s=settings.webhook_backoff_s,
         )
         self.sweeper = Periodic(SWEEP_EVERY_S, self.sweep, "retention-sweep")
+        # --broker: jobs go to remote workers through Celery (cluster/dispatcher.py, torch-free).
+        self.cluster = self._cluster_dispatcher() if settings.broker else None
+
+    def _cluster_dispatcher(self) -> Any:
+        from ...cluster.dispatcher import Dispatcher
+        from ...media.fetch import ImageFetcher
+
+        fetcher = ImageFetcher(
+            uploads=self.uploads,
+            signer=self.signer,
+            policy=self.policy,
+            max_bytes=self.settings.max_download_bytes,
+            timeout_s=self.settings.download_timeout_s,
+        )
+        return Dispatcher(self.settings, self.db, fetcher=fetcher, outputs=self.paths.outputs)
 
     def start(self) -> None:
         self.supervisor.start()
+        if self.cluster is not None:
+            self.cluster.start()
         self.dispatcher.start()
         self.sweeper.start()
 
     def stop(self) -> None:
         self.sweeper.stop()
         self.dispatcher.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
         self.supervisor.stop()
         self.db.close()
         self._lock.close()
@@ -303,6 +322,13 @@ class Services:
                 for w in workers
             ],
         }
+        if self.cluster is not None:
+            # Remote workers (their heartbeats in Redis): ready when one of this model is up.
+            data["workers"] += self.cluster.worker_rows()
+            serving = self.cluster.serving_workers()
+            if serving and not data["ready"]:
+                data.update(ready=True, model=serving[0].model, profile=serving[0].profile)
+            data["broker"] = {"connected": self.cluster.connected, "error": self.cluster.last_error or None}
         data["state"] = self._state(data["ready"], data["workers"], data["load_error"])
         return data
 
