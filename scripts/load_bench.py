@@ -17,6 +17,15 @@ load other people's machines).
     python scripts/load_bench.py                                # 200 submits, 20 clients, tiny model
     python scripts/load_bench.py --submits 20 --clients 5 --steps 1
     python scripts/load_bench.py --base-url http://127.0.0.1:8000 --api-key KEY
+    python scripts/load_bench.py --cluster 1,2,4                # API + Redis + K CPU workers, per K
+
+--cluster K1,K2,... runs the same load once per K against a cluster on this machine: a
+`redis-server` on a free loopback port (Debian's package; no persistence), `serve --broker
+--workers 0`, and K `skyreels-local worker` processes, each in its own empty working directory
+(no shared files: everything goes through Redis) and limited to one CPU thread, so K is the
+number of cores the workers may use. It prints each run's table, then the scaling: throughput per
+K and its ratio to the first K, lost jobs, p99 poll latency and how many jobs each worker ran.
+Report the scaling, not the absolute seconds (a tiny model on a CPU).
 """
 
 from __future__ import annotations
@@ -253,7 +262,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(data_dir: Path, api_key: str, extra: list[str]) -> tuple[subprocess.Popen, str, Path]:
+def start_server(
+    data_dir: Path, api_key: str, extra: list[str], *, ready_path: str = "/ready"
+) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     log_path = data_dir.parent / "server.log"
     command = [
@@ -270,13 +281,170 @@ def start_server(data_dir: Path, api_key: str, extra: list[str]) -> tuple[subpro
         if process.poll() is not None:
             raise SystemExit(f"the server exited with {process.returncode}; see {log_path}")
         try:
-            if httpx.get(base_url + "/ready", timeout=2).status_code == 200:
+            if httpx.get(base_url + ready_path, timeout=2).status_code == 200:
                 return process, base_url, log_path
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
     process.kill()
     raise SystemExit(f"the server was not ready after 300 s; see {log_path}")
+
+
+# --- a cluster of our own (--cluster) ---------------------------------------------------------
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYREELS_")}
+    env.update(extra)
+    return env
+
+
+def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("--cluster needs redis-server (Debian: apt-get install redis-server)")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(folder)]  # fmt: skip
+    with open(folder / "redis.log", "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return process, f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.05)
+    process.kill()
+    raise SystemExit(f"redis-server did not listen on {port}; see {folder / 'redis.log'}")
+
+
+def start_remote_worker(broker: str, folder: Path, worker_id: str) -> subprocess.Popen:
+    """A `skyreels-local worker` with its own working directory and one CPU thread."""
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "skyreels_local", "worker", "--broker", broker, "--model", "tiny-random",
+               "--device", "cpu", "--worker-id", worker_id]  # fmt: skip
+    env = clean_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with open(folder / "worker.log", "ab") as log:
+        return subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_consuming(process: subprocess.Popen, log_path: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"a worker exited with {process.returncode}; see {log_path}")
+        if " ready." in log_path.read_text(errors="replace"):  # Celery's "<id>@<host> ready."
+            return
+        time.sleep(0.25)
+    raise SystemExit(f"a worker did not start consuming in {timeout_s:.0f} s; see {log_path}")
+
+
+def jobs_run(log_path: Path) -> int:
+    """How many predictions a worker completed (its log's `prediction <id>: completed in` lines)."""
+    return sum(
+        1
+        for line in log_path.read_text(errors="replace").splitlines()
+        if "remote_worker: prediction " in line and ": completed in " in line
+    )
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@dataclass
+class ClusterRun:
+    workers: int
+    report: LoadReport
+    jobs_per_worker: list[int]
+
+
+def run_cluster_once(k: int, args: argparse.Namespace) -> tuple[ClusterRun, Path]:
+    work = Path(tempfile.mkdtemp(prefix=f"skyreels-load-cluster{k}-"))
+    redis_process = server = None
+    workers: list[subprocess.Popen] = []
+    try:
+        redis_process, broker = start_redis(work / "redis")
+        # /health, not /ready: the API is ready only once a remote worker is up.
+        server, base_url, _ = start_server(
+            work / "api" / "data", args.api_key, ["--broker", broker, "--workers", "0"], ready_path="/health"
+        )
+        folders = [work / f"worker{i}" for i in range(k)]
+        workers = [start_remote_worker(broker, folder, f"load-w{i}") for i, folder in enumerate(folders)]
+        for process, folder in zip(workers, folders, strict=True):
+            wait_consuming(process, folder / "worker.log")
+        print(f"cluster K={k}: API {base_url}, {broker}, {k} worker(s); files under {work}", file=sys.stderr)
+        report = run_load(
+            base_url,
+            args.api_key,
+            submits=args.submits,
+            clients=args.clients,
+            poll_s=args.poll_s,
+            steps=args.steps,
+            timeout_s=args.timeout_s,
+        )
+    finally:
+        for process in workers:
+            stop(process)
+        stop(server)
+        stop(redis_process)
+    return ClusterRun(k, report, [jobs_run(folder / "worker.log") for folder in folders]), work
+
+
+def scaling_table(runs: list[ClusterRun]) -> str:
+    base = runs[0].report.throughput or math.nan
+    lines = [
+        "| workers K | completed / accepted | lost | wall s | throughput jobs/s | x first K | poll p99 ms | jobs per worker |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        r = run.report
+        lines.append(
+            f"| {run.workers} | {r.completed} / {r.accepted} | {len(r.lost) + len(r.history_missing)} "
+            f"| {r.wall_s:.1f} | {r.throughput:.2f} | {r.throughput / base:.2f} "
+            f"| {percentile(r.poll_latencies_s, 99) * 1000:.1f} | {' + '.join(map(str, run.jobs_per_worker))} |"
+        )
+    return "\n".join(lines)
+
+
+def main_cluster(args: argparse.Namespace) -> int:
+    ks = [int(k) for k in args.cluster.split(",") if k.strip()]
+    if not ks or min(ks) < 1:
+        raise SystemExit(f"--cluster takes worker counts >= 1 separated by commas, got {args.cluster!r}")
+    runs: list[ClusterRun] = []
+    for k in ks:
+        run, work = run_cluster_once(k, args)
+        runs.append(run)
+        print(f"\n### K = {k} workers\n\n{run.report.table()}")
+        for error in run.report.errors[:10]:
+            print(f"error: {error}", file=sys.stderr)
+        if run.report.ok and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"cluster data and logs kept under {work}", file=sys.stderr)
+    print(
+        f"\n### Scaling ({os.cpu_count()} CPU cores, tiny model, {args.steps} steps, one thread per worker)\n"
+    )
+    print(scaling_table(runs))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                [
+                    {"workers": r.workers, "jobs_per_worker": r.jobs_per_worker, **r.report.summary()}
+                    for r in runs
+                ],
+                indent=2,
+            )
+        )
+    return 0 if all(run.report.ok for run in runs) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +459,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="worker processes of the started server")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep the started server's data and log")
+    p.add_argument(
+        "--cluster",
+        metavar="K1,K2,...",
+        help="run against a cluster on this machine (Redis + serve --broker + K workers), once per K",
+    )
     args = p.parse_args(argv)
+    if args.cluster:
+        if args.base_url:
+            raise SystemExit("--cluster starts its own cluster: leave out --base-url")
+        return main_cluster(args)
 
     process = work = None
     if args.base_url:

@@ -132,7 +132,7 @@ def test_every_command_run_is_installed_first(stages):
 def test_torch_is_installed_from_the_cuda_index_before_the_package(stages):
     runs = [words for words in run_commands(stages[0]) if words[:2] == ["pip", "install"]]
     assert runs[0][2:4] == ["--index-url", "${TORCH_INDEX_URL}"] and runs[0][4] == "torch==${TORCH_VERSION}"
-    assert runs[1][2] == "."
+    assert runs[1][2] == ".[cluster]"  # the image also runs `worker --broker` (compose.cluster.yaml)
 
 
 def exec_form(stage: Stage, keyword: str) -> list[str]:
