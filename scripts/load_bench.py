@@ -375,7 +375,7 @@ def run_cluster_once(k: int, args: argparse.Namespace) -> tuple[ClusterRun, Path
         redis_process, broker = start_redis(work / "redis")
         # /health, not /ready: the API is ready only once a remote worker is up.
         server, base_url, _ = start_server(
-            work / "api" / "data", args.api_key, ["--broker", broker, "--workers", "0"], ready_path="/health"
+            work / "data", args.api_key, ["--broker", broker, "--workers", "0"], ready_path="/health"
         )
         folders = [work / f"worker{i}" for i in range(k)]
         workers = [start_remote_worker(broker, folder, f"load-w{i}") for i, folder in enumerate(folders)]

@@ -45,7 +45,9 @@ def interpolate(value: str, env: dict[str, str]) -> str:
 
 
 def our_services(compose: dict) -> dict[str, dict]:
-    return {name: svc for name, svc in compose["services"].items() if svc.get("image") == "skyreels-local:cuda"}
+    return {
+        name: svc for name, svc in compose["services"].items() if svc.get("image") == "skyreels-local:cuda"
+    }
 
 
 def test_the_services_are_redis_an_api_and_a_gpu_worker(compose):
@@ -63,13 +65,14 @@ def test_every_command_and_flag_exists_in_our_cli(compose):
     for name, service in our_services(compose).items():
         argv = [interpolate(str(word), env) for word in service["command"]]
         # The image's ENTRYPOINT is `tini -- skyreels-local`: the command is our subcommand line.
-        args = parser.parse_args(argv)  # exits (fails the test) on an unknown subcommand or flag
-        assert args.broker == "redis://:pw@redis:6379/0", name
+        parser.parse_args(argv)  # exits (fails the test) on an unknown subcommand or flag
+        broker = interpolate(service["environment"]["SKYREELS_BROKER"], env)
+        assert broker == "redis://:pw@redis:6379/0", name
+        assert not any("redis://" in str(word) for word in argv), f"{name}: the password would show in ps"
 
 
 def test_api_and_worker_share_one_broker_url_and_a_worker_host_can_point_it_elsewhere(compose):
-    commands = {name: svc["command"] for name, svc in our_services(compose).items()}
-    urls = {name: cmd[cmd.index("--broker") + 1] for name, cmd in commands.items()}
+    urls = {name: svc["environment"]["SKYREELS_BROKER"] for name, svc in our_services(compose).items()}
     assert urls["api"] == urls["worker"]
     assert interpolate(urls["worker"], {"REDIS_PASSWORD": "s3cret", "REDIS_HOST": "api.lan"}) == (
         "redis://:s3cret@api.lan:6379/0"
@@ -108,6 +111,7 @@ def test_the_worker_has_a_gpu_weights_no_http_health_check_and_restarts(compose)
     model = command[command.index("--model") + 1]
     assert any(volume.split(":")[1] == model for volume in worker["volumes"])
     assert worker["healthcheck"] == {"disable": True}
+    assert worker["stop_grace_period"] == "10m"  # SIGTERM lets the running job finish
     for service in compose["services"].values():
         assert service["restart"] == "unless-stopped"
     # The API keeps its state on the API host; the worker needs no data directory (no shared files).
@@ -124,3 +128,4 @@ def test_readme_shows_the_compose_commands():
     readme = (ROOT / "README.md").read_text()
     assert "docker compose -f compose.cluster.yaml up -d" in readme
     assert "skyreels-local worker --broker" in readme
+    assert "compose.cluster.yaml" in readme and "--no-deps worker" in readme

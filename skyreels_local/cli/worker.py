@@ -27,6 +27,7 @@ WORKER_FIELDS = (
     "preset",
     "attention",
     "turbo_threshold",
+    "step_cache",
     "ulysses",
     "cfg_parallel",
     "group_timeout_s",
