@@ -213,6 +213,13 @@ class Settings(BaseSettings):
         description="with --broker: Redis redelivers a task taken by a worker that vanished (host down) "
         "after this; must exceed the longest job; default --job-timeout-s + 600",
     )
+    broker_send_window: int | None = Field(
+        default=None,
+        ge=1,
+        description="with --broker: jobs sent to Redis but not yet started, at most (each carries its input "
+        "image; the rest wait in the job table, in order); default twice the live workers of the model, "
+        "at least 2",
+    )
     engine_factory: str | None = Field(
         default=None,
         description="advanced: `module:function(settings, device)` returning an Engine; default loads --model",

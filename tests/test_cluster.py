@@ -42,6 +42,7 @@ from cluster_support import (
 )
 
 from skyreels_local.jobs import Database
+from skyreels_local.jobs.remote import RemoteJobs
 from skyreels_local.paths import DataPaths
 from skyreels_local.video import read_mp4
 
@@ -147,6 +148,26 @@ def test_eight_jobs_from_the_wavespeed_client_complete_on_both_workers(cluster, 
     assert 'skyreels_remote_worker_last_seen_seconds{device="cpu"' in text
     assert 'worker="gpu-a"' in text and 'worker="gpu-b"' in text
     assert "skyreels_workers_up 2.0" in text and "skyreels_broker_connected 1.0" in text
+
+
+def test_ten_jobs_go_out_through_the_send_window_and_all_complete_once(cluster):
+    # Two live workers: at most 4 jobs sent but not started wait in Redis; the rest in the table.
+    ids = [cluster.submit(steps=4, prompt=f"window {i}") for i in range(10)]
+    client, db = cluster.redis.client(), cluster.db()
+    most_queued, most_sent_waiting = 0, 0
+
+    def all_ended() -> bool:
+        nonlocal most_queued, most_sent_waiting
+        most_queued = max(most_queued, queued_messages(client))
+        most_sent_waiting = max(most_sent_waiting, RemoteJobs(db).sent_waiting())
+        jobs = [db.predictions.get(pid) for pid in ids]
+        return all(job.terminal for job in jobs)
+
+    wait_for(all_ended, 120, "the ten jobs to end")
+    assert [db.predictions.get(pid).status for pid in ids] == ["completed"] * 10
+    assert 1 <= most_queued <= 4 and 1 <= most_sent_waiting <= 4, (most_queued, most_sent_waiting)
+    completions = cluster.completions()
+    assert {pid: completions.count(pid) for pid in ids} == dict.fromkeys(ids, 1)
 
 
 def test_cancel_of_a_queued_and_of_a_running_remote_job(cluster):

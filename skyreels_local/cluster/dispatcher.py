@@ -18,9 +18,14 @@ The job table stays the single source of truth; this thread is the only writer o
    every queued dispatch is re-sent under a fresh token, since its message may be lost (an API
    killed between the marker and the send, the last second of an AOF); the old message, if it
    survived, is dropped by the worker's stale-token check.
-5. Send new jobs: fetch the input image on a few fetch threads (media/fetch.py; failure -> 1402
-   as a local worker would), then assign a fresh token, write the marker, send the task to the
-   model key's queue. (Re-sends fetch on the dispatcher's thread: they are rare.)
+5. Send new jobs, oldest first, through a send window: at most W jobs sent but not yet started
+   (W = --broker-send-window, default max(2, 2 x live workers of the model key)); the others
+   wait in the table (`created`, no claim: their queue position is the same), so Redis holds a
+   few input images rather than the whole queue's, and a Redis restart without AOF re-sends
+   only those few. For each: fetch the input image on a few fetch threads (media/fetch.py;
+   failure -> 1402 as a local worker would), then assign a fresh token, write the marker, send
+   the task to the model key's queue. (Re-sends fetch on the dispatcher's thread: they are
+   rare; they go out at once, ahead of the new jobs, even if the window is full.)
 
 Redis down: submits are still accepted (the table) and the cycle is retried with backoff.
 Only jobs the API accepted (authenticated) are ever in the table, so only those are sent.
@@ -59,6 +64,10 @@ NEW_PRIORITY = 3
 FETCHERS = 4  # input images fetched at once, off the dispatcher's thread (a URL can take 30 s)
 FETCH_AHEAD = 16  # new jobs being fetched at a time (a long queue goes out over a few cycles)
 FETCH_WAIT_S = 0.2  # a cycle waits this long for fresh fetches (data: URIs, uploads: milliseconds)
+# Default send window: twice the live workers (each has its next job waiting in Redis when it
+# finishes one, with no round trip through the dispatcher), and at least this many.
+MIN_SEND_WINDOW = 2
+SENT_PER_WORKER = 2
 
 
 def new_token() -> str:
@@ -415,12 +424,25 @@ class Dispatcher:
 
     # --- sending -----------------------------------------------------------------------------
 
+    def send_window(self) -> int:
+        """How many jobs may wait in Redis, sent but not started (module docstring, step 5)."""
+        if self.settings.broker_send_window is not None:
+            return self.settings.broker_send_window
+        live = [b for b in self.workers if b.model_key == self.key and b.state != "failed"]
+        return max(MIN_SEND_WINDOW, SENT_PER_WORKER * len(live))
+
     def _dispatch_new(self) -> None:
         """Fetch the images of new jobs on the fetch threads, and send each job once its image is
-        in: a slow image URL holds up neither the other jobs nor the outcomes."""
-        for job in self.remote.undispatched(FETCH_AHEAD):
-            if job.id not in self._fetching and len(self._fetching) < FETCH_AHEAD:
-                self._fetching[job.id] = (job, self._fetch_pool.submit(self._fetch_png, job))
+        in: a slow image URL holds up neither the other jobs nor the outcomes. A job being
+        fetched holds a place in the send window: it is sent next."""
+        room = self.send_window() - self.remote.sent_waiting() - len(self._fetching)
+        room = min(room, FETCH_AHEAD - len(self._fetching))
+        if room > 0:
+            # The oldest waiting jobs (those being fetched come back too, no claim yet: skipped).
+            for job in self.remote.undispatched(len(self._fetching) + room):
+                if job.id not in self._fetching and room > 0:
+                    self._fetching[job.id] = (job, self._fetch_pool.submit(self._fetch_png, job))
+                    room -= 1
         if self._fetching:
             wait(
                 [future for _, future in self._fetching.values()],

@@ -5,6 +5,7 @@ A remote job's `claim` column holds its dispatch token (a fresh one per dispatch
 claim-guarded writes of PredictionsTable (set_progress, complete, fail, mark_cancelled) record
 an outcome only for the current dispatch. States as for local jobs: `created` while it waits in
 the Celery queue (claim set = dispatched), `processing` once a worker reports it started.
+A `created` job without a claim waits in the table for the dispatcher's send window.
 Local recovery (PredictionsTable.recover) never touches them: their worker_id is a remote
 worker's id, which is not in the local workers table, and never NULL while processing.
 """
@@ -35,6 +36,12 @@ class RemoteJobs:
             (limit,),
         )
         return [Job.from_row(row) for row in rows]
+
+    def sent_waiting(self) -> int:
+        """Dispatched jobs no worker has started yet (their task waits in Redis): the send window."""
+        return self._db.row(
+            "SELECT COUNT(*) FROM predictions WHERE status = 'created' AND claim IS NOT NULL"
+        )[0]
 
     def in_flight(self) -> list[Job]:
         """Dispatched jobs that have not ended: queued in Celery (`created`) or running (`processing`)."""
