@@ -253,6 +253,18 @@ def run_load(
     return report
 
 
+def run_load_from_args(base_url: str, args: argparse.Namespace) -> LoadReport:
+    return run_load(
+        base_url,
+        args.api_key,
+        submits=args.submits,
+        clients=args.clients,
+        poll_s=args.poll_s,
+        steps=args.steps,
+        timeout_s=args.timeout_s,
+    )
+
+
 # --- a server of our own ---------------------------------------------------------------------
 
 
@@ -382,15 +394,7 @@ def run_cluster_once(k: int, args: argparse.Namespace) -> tuple[ClusterRun, Path
         for process, folder in zip(workers, folders, strict=True):
             wait_consuming(process, folder / "worker.log")
         print(f"cluster K={k}: API {base_url}, {broker}, {k} worker(s); files under {work}", file=sys.stderr)
-        report = run_load(
-            base_url,
-            args.api_key,
-            submits=args.submits,
-            clients=args.clients,
-            poll_s=args.poll_s,
-            steps=args.steps,
-            timeout_s=args.timeout_s,
-        )
+        report = run_load_from_args(base_url, args)
     finally:
         for process in workers:
             stop(process)
@@ -482,15 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         process, base_url, log_path = start_server(work / "data", args.api_key, extra)
         print(f"server {base_url} (tiny-random, cpu), data and log under {work}", file=sys.stderr)
     try:
-        report = run_load(
-            base_url,
-            args.api_key,
-            submits=args.submits,
-            clients=args.clients,
-            poll_s=args.poll_s,
-            steps=args.steps,
-            timeout_s=args.timeout_s,
-        )
+        report = run_load_from_args(base_url, args)
     finally:
         if process is not None:
             process.terminate()
