@@ -148,6 +148,8 @@ def test_eight_jobs_from_the_wavespeed_client_complete_on_both_workers(cluster, 
     assert 'skyreels_remote_worker_last_seen_seconds{device="cpu"' in text
     assert 'worker="gpu-a"' in text and 'worker="gpu-b"' in text
     assert "skyreels_workers_up 2.0" in text and "skyreels_broker_connected 1.0" in text
+    assert "skyreels_broker_send_window 4.0" in text  # 2 per live worker
+    assert "skyreels_broker_sent_waiting " in text
 
 
 def test_ten_jobs_go_out_through_the_send_window_and_all_complete_once(cluster):

@@ -88,6 +88,18 @@ def cluster_metrics(services: Services) -> Iterator[Metric]:
         "1 while the dispatcher reaches the Redis broker",
         value=int(cluster.connected),
     )
+    # The send window (cluster/dispatcher.py): how many jobs may wait in Redis, and how many do;
+    # the rest of the queue waits in the job table (skyreels_queue_depth counts both).
+    yield GaugeMetricFamily(
+        "skyreels_broker_send_window",
+        "Jobs that may wait in Redis sent but not started (--broker-send-window, or 2 per live worker)",
+        value=cluster.send_window(),
+    )
+    yield GaugeMetricFamily(
+        "skyreels_broker_sent_waiting",
+        "Jobs sent to Redis that no worker has started yet",
+        value=cluster.remote.sent_waiting(),
+    )
 
 
 def safety_metrics(settings: Settings, counters: dict[str, float]) -> Iterator[Metric]:
