@@ -176,21 +176,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _step_cache_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names or any(n not in STEP_CACHES for n in names):
-        raise argparse.ArgumentTypeError(
-            f"--step-caches must be names from {','.join(STEP_CACHES)}, got {text!r}"
-        )
-    return [n for n in STEP_CACHES if n in names]
+def _names_from(flag: str, choices: tuple[str, ...]):
+    """An argparse type: a comma-separated subset of `choices`, returned in their order."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"{flag} must be names from {','.join(choices)}, got {text!r}")
+        return [n for n in choices if n in names]
+
+    return parse
 
 
-def _variant_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"--variants must be names from {','.join(VARIANTS)}, got {text!r}")
-    return [n for n in VARIANTS if n in names]
+_step_cache_list = _names_from("--step-caches", STEP_CACHES)
+_variant_list = _names_from("--variants", VARIANTS)
 
 
 # --- the run ------------------------------------------------------------------------------

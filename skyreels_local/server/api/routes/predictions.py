@@ -79,12 +79,6 @@ def _owned(services: ServicesDep, prediction_id: str, account: str | None) -> Jo
     return job
 
 
-def _get(
-    services: ServicesDep, prediction_id: str, base_url: str, account: str | None
-) -> Envelope[Prediction]:
-    return Envelope(data=services.render(_owned(services, prediction_id, account), base_url))
-
-
 @router.get(
     "/predictions/{prediction_id}/result",
     response_model=Envelope[Prediction],
@@ -92,12 +86,6 @@ def _get(
     summary="Poll a prediction (what every SDK calls)",
     tags=["predictions"],
 )
-def get_result(
-    prediction_id: str, services: ServicesDep, base_url: BaseUrlDep, account: AccountDep
-) -> Envelope[Prediction]:
-    return _get(services, prediction_id, base_url, account)
-
-
 @router.get(
     "/predictions/{prediction_id}",
     response_model=Envelope[Prediction],
@@ -108,7 +96,7 @@ def get_result(
 def get_prediction(
     prediction_id: str, services: ServicesDep, base_url: BaseUrlDep, account: AccountDep
 ) -> Envelope[Prediction]:
-    return _get(services, prediction_id, base_url, account)
+    return Envelope(data=services.render(_owned(services, prediction_id, account), base_url))
 
 
 @router.delete(
