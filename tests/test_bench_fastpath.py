@@ -56,8 +56,9 @@ def test_preset_table_has_the_issue_columns_and_real_numbers(e2e_run):
         else:
             assert 0 < _number(err_f32) < 1e-4 and reused == "-"
     assert _number(rows["stock"][1]) == 1.0 and _number(rows["stock"][6]) == 1.0
-    # The schedule-based caches reuse steps, so they denoise faster per step than exact.
-    assert _number(rows["turbo:taylorseer"][0]) < _number(rows["exact"][0])
+    # The schedule-based caches reuse steps whatever the weights (random ones here). Counted, not
+    # timed: on the tiny CPU model a reused step and a computed one can round to the same ms.
+    assert _number(rows["turbo:taylorseer"][7]) > 0 and _number(rows["turbo:magcache"][7]) > 0
 
 
 def test_e2e_records_add_up_and_compare_to_stock(e2e_run):
