@@ -377,8 +377,12 @@ def test_with_redis_down_jobs_wait_in_the_table_and_go_out_once_it_is_back(redis
         assert "Connection" in dispatcher.last_error and dispatcher.serving_workers() == []
         down.start()
         try:
+            # The table takes the token first, then the task goes to Redis: wait for both (a
+            # check right after the claim appears raced the send once in CI).
             deadline = time.monotonic() + 20
-            while db.predictions.get(pid).claim is None and time.monotonic() < deadline:
+            while time.monotonic() < deadline and not (
+                db.predictions.get(pid).claim and queued_task_ids(down.client())
+            ):
                 time.sleep(0.1)
             claim = db.predictions.get(pid).claim
             assert claim and queued_task_ids(down.client()) == [f"{pid}.{claim}"]
