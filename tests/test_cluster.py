@@ -258,8 +258,10 @@ def test_redis_killed_and_restarted_mid_queue_every_job_completes(cluster, appen
 
 
 def test_api_killed_and_restarted_with_jobs_queued_all_complete_once(cluster):
-    # 9 jobs of 1.5 s+ on (up to) 3 workers: the queue is still full when the API comes back.
-    ids = [cluster.submit(steps=15, prompt=f"restart {i}") for i in range(9)]
+    # 9 jobs of 3 s+ on 2 workers (the killed one's replacement took its id), so the 4 queued
+    # in Redis are still waiting when the API is back, even if its restart is slow: the
+    # restarted dispatcher must find and re-send them.
+    ids = [cluster.submit(steps=30, prompt=f"restart {i}") for i in range(9)]
     cluster.api.wait(ids[0], statuses=("processing",), timeout=60)
     wait_for(lambda: queued_messages(cluster.redis.client()) >= 2, 10, "jobs queued in Celery")
     stop_server(cluster.api, sig=signal.SIGKILL)
