@@ -36,7 +36,6 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -134,13 +133,6 @@ def _write(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --- check -------------------------------------------------------------------------------------
 
 
@@ -179,6 +171,7 @@ def phase_attention(args, device, out: Path) -> None:
     import torch
 
     from skyreels_local.engine import attention_kernels as ak
+    from skyreels_local.engine.attention_kernels import relative_error
 
     tokens, rows, heads = (2048, 32, 2) if args.tiny else (51_037, 51_037, 24)
     regimes = {"diffuse": dict(logit_std=1.0, key_bias=0.0), "peaked": dict(logit_std=4.0, key_bias=2.0)}
@@ -197,7 +190,7 @@ def phase_attention(args, device, out: Path) -> None:
             bf16 = _sdpa(q, k, v).float()
         results = {
             "sdpa-bf16": {
-                "vs_float32": _rel(bf16, exact32),
+                "vs_float32": relative_error(bf16, exact32),
                 **_timed(lambda q=q, k=k, v=v: _sdpa(q, k, v), device, flops),
             }
         }
@@ -209,7 +202,9 @@ def phase_attention(args, device, out: Path) -> None:
                     kernel = spec.make()
                     with torch.inference_mode():
                         got = kernel(q, k, v).float()
-                        entry.update(vs_bf16=_rel(got, bf16), vs_float32=_rel(got, exact32))
+                        entry.update(
+                            vs_bf16=relative_error(got, bf16), vs_float32=relative_error(got, exact32)
+                        )
                         entry.update(
                             _timed(lambda kernel=kernel, q=q, k=k, v=v: kernel(q, k, v), device, flops)
                         )
@@ -220,7 +215,10 @@ def phase_attention(args, device, out: Path) -> None:
             if spec.emulate is not None and name != "fa4":
                 with torch.inference_mode():
                     emulated = spec.emulate(q, k, v).float()
-                entry["emulated"] = {"vs_bf16": _rel(emulated, bf16), "vs_float32": _rel(emulated, exact32)}
+                entry["emulated"] = {
+                    "vs_bf16": relative_error(emulated, bf16),
+                    "vs_float32": relative_error(emulated, exact32),
+                }
             results[name] = entry
             print(f"[attention] {regime} {name}: {entry}", flush=True)
         record["regimes"][regime] = {"inputs": inputs, "results": results}
@@ -239,20 +237,12 @@ def _sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
-def _rel(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def _timed(fn, device, flops: float, repeats: int = 5) -> dict:
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    seconds = statistics.median(times)
+    from skyreels_local.engine.attention import median_ms, synchronize
+
+    fn()  # warm-up
+    synchronize(device)
+    seconds = median_ms(fn, device, repeats) / 1000.0
     return {"ms": round(1000 * seconds, 3), "tflops": round(flops / seconds / 1e12, 1)}
 
 
@@ -264,6 +254,7 @@ def phase_profile(args, device, out: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from skyreels_local.bench import run as bench
+    from skyreels_local.engine.attention import synchronize
     from skyreels_local.engine.denoise import denoise_latents, pipeline_kwargs
     from skyreels_local.engine.presets import apply_preset
 
@@ -301,10 +292,10 @@ def phase_profile(args, device, out: Path) -> None:
             apply_preset(pipe, "exact", b.preset_options())
             step = exact_step
         step()  # warm-up (and compilation for exact)
-        _sync(device)
+        synchronize(device)
         with profile(activities=activities) as prof:
             step()
-            _sync(device)
+            synchronize(device)
         table = prof.key_averages().table(sort_by=sort_key, row_limit=25)
         (out / f"profile_{name}.txt").write_text(table + "\n")
         record[name] = _top_kernels(prof, device)

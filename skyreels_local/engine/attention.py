@@ -336,14 +336,9 @@ def probe_backends(
             def run(backend=backend) -> torch.Tensor:
                 return dispatch_attention_fn(q, k, v, attn_mask=None, backend=backend)
 
-            out = run()
-            _sync(device)
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                run()
-                _sync(device)
-                times.append((time.perf_counter() - started) * 1000.0)
+            out = run()  # warm-up; its output is the one compared
+            synchronize(device)
+            milliseconds = median_ms(run, device, repeats)
         except Exception as exc:  # a kernel that is importable but unusable here drops out
             results[name] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
             continue
@@ -355,7 +350,7 @@ def probe_backends(
             if not error <= limit:  # also catches NaN
                 results[name] = f"disagrees: relative error {error:.3g} > {limit:g}"
                 continue
-        results[name] = round(statistics.median(times), 3)
+        results[name] = round(milliseconds, 3)
     return results
 
 
@@ -394,6 +389,19 @@ def apply_backend(transformer: torch.nn.Module, backend: str) -> None:
     transformer.set_attention_backend(backend)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_ms(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The median wall time of `repeats` calls of `run`, each waited for on the device (ms).
+    Warm it up first: the first call may compile or autotune."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(times)

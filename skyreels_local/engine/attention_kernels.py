@@ -373,9 +373,7 @@ def kernel_error(
     kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reference: torch.Tensor
 ) -> float:
     """Relative L2 of `kernel`'s output against `reference` (NaN stays NaN: it fails any bound)."""
-    out = kernel(q, k, v).double()
-    ref = reference.double()
-    return float((out - ref).norm() / ref.norm())
+    return relative_error(kernel(q, k, v), reference)
 
 
 def check_kernel(
@@ -447,15 +445,16 @@ def estimate_errors(names: tuple[str, ...] = tuple(KERNELS), **input_kwargs) -> 
     q, k, v = real_shaped_inputs(**input_kwargs)
     exact32 = reference_attention(q, k, v)
     bf16 = emulate_bf16_flash(q, k, v).float()
-    results = {"bf16-exact": {"vs_float32": _rel(bf16, exact32), "vs_bf16": 0.0}}
+    results = {"bf16-exact": {"vs_float32": relative_error(bf16, exact32), "vs_bf16": 0.0}}
     for name in names:
         emulate = KERNELS[name].emulate
         if emulate is None or name == "fa4":  # fa4 is the bf16 exact kernel itself
             continue
         out = emulate(q, k, v).float()
-        results[name] = {"vs_float32": _rel(out, exact32), "vs_bf16": _rel(out, bf16)}
+        results[name] = {"vs_float32": relative_error(out, exact32), "vs_bf16": relative_error(out, bf16)}
     return results
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """Relative L2 in float64 (NaN stays NaN: it fails any bound)."""
+    return float((value.double() - reference.double()).norm() / reference.double().norm())
